@@ -1,0 +1,41 @@
+"""Shared test fixtures: the location of the shared test data and the dtype tolerance table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LIPFORCING_SHARED", REPO_ROOT.parent / "shared"))
+
+# Relative-error tolerances keyed by dtype. fp32 arithmetic on the tested sizes lands near 1e-6;
+# fp16 keeps 11 mantissa bits (~5e-4 per op); bf16 keeps 8 (~4e-3 per op). Bounds leave ~10x headroom.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("shared test data (../shared) is not present")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def golden_files(shared_dir: Path) -> list[Path]:
+    files = sorted((shared_dir / "golden").glob("*.safetensors"))
+    if not files:
+        pytest.skip("no golden files in ../shared/golden")
+    return files
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
