@@ -106,7 +106,8 @@ class CrossAttention(nn.Module):
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context: [B, text_len, dim] -> K, V each [B, text_len, H, D] (computed once per clip)."""
-        return heads(self.norm_k(linear(self.k, context)), self.num_heads), heads(linear(self.v, context), self.num_heads)
+        k = heads(self.norm_k(linear(self.k, context)), self.num_heads)
+        return k, heads(linear(self.v, context), self.num_heads)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: [B, L, dim] -> [B, L, dim]; kv from ``context_kv``."""
@@ -123,7 +124,9 @@ class Block(nn.Module):
         self.self_attn = SelfAttention(cfg)
         self.cross_attn = CrossAttention(cfg)
         self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
     def forward(

@@ -17,7 +17,7 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, tor
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 

@@ -1,0 +1,33 @@
+# Set-up and the two jobs: `make demo` (the main job, no downloads) and `make test` (the test suite).
+# Both create their own virtual environment in .venv on first use. On machines without CUDA, torch is
+# pinned to the CPU build 2.13.0; with CUDA the newest torch build is taken.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev,media
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q torch; \
+	else \
+		$(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/lipforcing demo -o demo.mp4
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info
