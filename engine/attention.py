@@ -63,12 +63,23 @@ class RopeTable:
         self.theta = model.rope_theta
         positions = torch.arange(stream.window_frames, device=device)
         self.angles = rope_angles(positions, self.rows, self.cols, self.pairs, self.theta)  # [W*T, D/2]
+        self._positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.device = device
 
     def keys(self, plan: ChunkPlan) -> torch.Tensor:
         return self.angles[: (plan.num_cached + plan.chunk_frames) * self.tokens]
 
     def queries(self, plan: ChunkPlan) -> torch.Tensor:
         return self.angles[plan.num_cached * self.tokens : (plan.num_cached + plan.chunk_frames) * self.tokens]
+
+    def positions(self, plan: ChunkPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query, cache) temporal positions as int32 device tensors, made once per window shape."""
+        key = plan.num_cached
+        if key not in self._positions:
+            q = torch.tensor(plan.query_positions, dtype=torch.int32, device=self.device)
+            c = torch.tensor(plan.cache_positions, dtype=torch.int32, device=self.device)
+            self._positions[key] = (q, c)
+        return self._positions[key]
 
 
 class StreamingAttention:
@@ -83,10 +94,6 @@ class StreamingAttention:
         self, cache: SinkWindowCache, plan: ChunkPlan, rope: RopeTable, *, write: bool, backend: str
     ) -> None:
         self.cache, self.plan, self.rope, self.write, self.backend = cache, plan, rope, write, backend
-        if backend == "triton":
-            dev = cache.k.device
-            self.q_pos = torch.tensor(plan.query_positions, dtype=torch.int32, device=dev)
-            self.cache_pos = torch.tensor(plan.cache_positions, dtype=torch.int32, device=dev)
 
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cached, v_cached, k_slot, v_slot = self.cache.layer_views(layer, self.plan)
@@ -96,8 +103,9 @@ class StreamingAttention:
             if self.write:
                 k_slot.copy_(k)
                 v_slot.copy_(v)
+            q_pos, cache_pos = self.rope.positions(self.plan)
             return ops.attention(
-                q, k, v, k_cached, v_cached, self.q_pos, self.cache_pos,
+                q, k, v, k_cached, v_cached, q_pos, cache_pos,
                 (self.rope.rows, self.rope.cols), self.rope.pairs, self.rope.theta,
             )
         k_slot.copy_(k)

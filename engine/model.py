@@ -252,20 +252,34 @@ class CausalWanStudent(nn.Module):
         start_frame: int = 0,
     ) -> torch.Tensor:
         """One network call on frames start_frame .. start_frame + F - 1; returns the flow [B, out_dim, F, h, w]."""
+        f = x_in.shape[2]
+        e, e0 = self.time_modulation(t, x_in.shape[0])
+        codes = clip.audio_codes[:, start_frame : start_frame + f]  # [B, F, audio_hidden]
+        if codes.shape[1] != f:
+            raise ValueError(f"audio covers {clip.audio_codes.shape[1]} latent frames; call needs {start_frame + f}")
+        return self.forward_static(x_in, e, e0, codes, clip.text_kv, ctx)
+
+    def forward_static(
+        self,
+        x_in: torch.Tensor,  # [B, in_dim, F, h, w]
+        e: torch.Tensor,  # [B, F|1, dim] time embedding (``time_modulation``)
+        e0: torch.Tensor,  # [B, F|1, 6, dim] block modulation
+        codes: torch.Tensor,  # [B, F, audio_hidden] audio codes of these frames
+        text_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        ctx: AttentionContext,
+    ) -> torch.Tensor:
+        """The call with every per-call input precomputed: no host work, no allocation from host data,
+        so it can be captured in a CUDA graph."""
         b, _, f, h, w = x_in.shape
         pt, ph, pw = self.cfg.patch_size
         rows, cols = h // ph, w // pw
         x = self.patch_embedding(x_in.to(self.dtype)).float()  # [B, dim, F, rows, cols]
         x = x.flatten(3).permute(0, 2, 3, 1)  # [B, F, T, dim], tokens (frame, row, col)
-        e, e0 = self.time_modulation(t, b)
-        codes = clip.audio_codes[:, start_frame : start_frame + f]  # [B, F, audio_hidden]
-        if codes.shape[1] != f:
-            raise ValueError(f"audio covers {clip.audio_codes.shape[1]} latent frames; call needs {start_frame + f}")
         for i, block in enumerate(self.blocks):
             j = self._audio_slot.get(i)
             if j is not None:
                 x = x + linear(self.audio_cond_projs[j], codes).float()[:, :, None, :]
-            x = block(x, e0, i, clip.text_kv[i], ctx)
+            x = block(x, e0, i, text_kv[i], ctx)
         tokens = self.head(x, e)  # [B, F, T, patch_dim]
         return unpatchify(tokens, (rows, cols), self.cfg.out_dim, (ph, pw))
 
