@@ -3,6 +3,8 @@
     lipforcing check-reference GOLDEN.safetensors... [--device cpu|cuda] [--backend reference|triton]
     lipforcing info --model 1.3b|14b [--height 512 --width 512]
     lipforcing convert IN.pth OUT.safetensors
+    lipforcing run VIDEO [--audio AUDIO] -o OUT.mp4 [--model 14b --ckpt ... --vae ... --taehv ...]
+    lipforcing demo [-o demo.mp4]
 
 User errors (bad files, missing weights, bad options) print one ``error:`` line and exit with status 2.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -97,6 +100,103 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group("weights (not needed for --model tiny)")
+    w.add_argument("--ckpt", help="student checkpoint (.pth / .safetensors / sharded)")
+    w.add_argument("--vae", help="Wan 2.1 VAE (Wan2.1_VAE.pth)")
+    w.add_argument("--taehv", help="TAEHV for Wan 2.1 (taew2_1.pth)")
+    w.add_argument("--wav2vec", help="directory with wav2vec2-base-960h (config.json + weights)")
+    w.add_argument("--text-embeds", help="[1, 512, 4096] text embeddings (text_emb.pt)")
+    p.add_argument("--model", default="14b", choices=["tiny", "1.3b", "14b"])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--encoder", default="wan", choices=["wan", "taehv"])
+    p.add_argument("--decoder", default="taehv", choices=["taehv", "wan"])
+    p.add_argument("--backend", default=None, choices=["reference", "triton"], help="student attention backend")
+    p.add_argument("--face-box", default=None, help="x,y,w,h: use the face whose centre lies in this box")
+    p.add_argument("--mask", default=None, help="mouth mask image (255 = keep) instead of the built-in one")
+    p.add_argument("--require-face", action="store_true", help="fail when no face is found anywhere")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_config(args: argparse.Namespace):
+    import torch
+
+    from .pipeline import RunConfig, Weights
+
+    box = None
+    if args.face_box:
+        try:
+            box = tuple(float(v) for v in args.face_box.split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4 or box[2] <= 0 or box[3] <= 0:
+            raise LipforcingError(f"--face-box must be x,y,w,h with positive w and h, got {args.face_box!r}")
+    cfg = RunConfig(
+        model=args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        dtype=args.dtype, encoder=args.encoder, decoder=args.decoder, backend=args.backend, face_box=box,
+        mask=args.mask, require_face=args.require_face, seed=args.seed,
+    )
+    weights = Weights(ckpt=args.ckpt, vae=args.vae, taehv=args.taehv, wav2vec=args.wav2vec,
+                      text_embeds=args.text_embeds)
+    return cfg, weights
+
+
+@command("run", "lip-sync a talking-head video to speech and write an MP4")
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", help="input video (any common container/codec)")
+    p.add_argument("--audio", default=None, help="speech (wav/mp3/m4a/flac/...); default: the video's own audio")
+    p.add_argument("-o", "--output", required=True, help="output .mp4")
+    _add_run_options(p)
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .pipeline import build_components
+    from .run import format_summary, run_video
+
+    cfg, weights = _run_config(args)
+    summary = run_video(args.video, args.audio, args.output, build_components(cfg, weights), progress=not args.quiet)
+    print(format_summary(summary))
+    return 0
+
+
+@command("demo", "run the whole pipeline on a locally built input (tiny model, no downloads)")
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", default="demo.mp4")
+    p.add_argument("--seconds", type=float, default=2.0, help="length of the generated input")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from .demo import make_demo_input
+    from .pipeline import RunConfig, build_components
+    from .run import format_summary, run_video
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.output)
+    with tempfile.TemporaryDirectory(prefix="lipforcing-demo-") as tmp:
+        source = make_demo_input(Path(tmp) / "input.mp4", seconds=args.seconds)
+        print(f"demo input: Grace Hopper portrait (matplotlib sample data) with synthesized speech, "
+              f"{args.seconds:.1f} s; tiny model with random weights on {device}")
+        # the tiny Wan VAE is slow on a CPU at 512x512; the tiny TAEHV encodes the same streams
+        parts = build_components(RunConfig(model="tiny", device=device, dtype="fp32", encoder="taehv"))
+        summary = run_video(source, None, out, parts, progress=not args.quiet)
+    print(format_summary(summary))
+    timing = out.with_suffix(".timing.json")
+    timing.write_text(json.dumps(summary, indent=2))
+    print(f"timing summary: {timing}")
+    return 0
+
+
 def _model_config(name: str):
     from .config import ModelConfig
 
@@ -125,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GLOG_minloglevel", "2")  # mediapipe's native logging
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

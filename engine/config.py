@@ -128,7 +128,8 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=4, text_len=16),
+    # random-weight demos and tests: audio_dim matches the tiny wav2vec2 of demo_models (4 x 64)
+    "tiny": ModelConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=4, text_len=16, audio_dim=256),
     "1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
 }
