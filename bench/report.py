@@ -15,12 +15,14 @@ SCHEMA = "lipforcing-bench/1"
 
 FIELDS: dict[str, str] = {
     "fps": "steady-state output frames per second: frames handed to the host over the wall time of the timed "
-           "chunks (warm-up chunks excluded), pipeline running end to end (encode, student calls, decode)",
+           "chunks (warm-up chunks excluded), pipeline running end to end (encode, student calls, decode); the "
+           "timed region starts and ends with an idle device, so the pipeline fills and drains once inside it",
     "ttff_ms": "time to first frame: from submitting the first chunk's input frames to the first decoded frame "
                "being on the host, measured on a fresh clip after warm-up (graphs already captured)",
-    "stage_ms": "median per-chunk time of each stage run alone (CUDA events on a GPU, wall clock on a CPU): "
-                "encode, call_0 .. call_{n-1} (denoising calls), commit, decode",
-    "chunk_ms": "median wall time per steady-state chunk in the pipelined run",
+    "stage_ms": "median per-chunk time of each stage run alone, one after another (CUDA events on a GPU, wall "
+                "clock on a CPU): encode (both streams), student (two denoising calls and the commit call), "
+                "decode, paste-back (512x512 faces into 1280x720 frames; only at 512x512)",
+    "chunk_ms": "wall time of the timed pipelined run divided by the timed chunks",
     "peak_memory_bytes": "peak device memory allocated by the process during the run (CUDA only)",
     "achieved_tflops": "student matrix FLOPs per steady-state chunk (lipforcing info) over the sum of the "
                        "student stage times, in TFLOP/s",

@@ -5,6 +5,7 @@
     lipforcing convert IN.pth OUT.safetensors
     lipforcing run VIDEO [--audio AUDIO] -o OUT.mp4 [--model 14b --ckpt ... --vae ... --taehv ...]
     lipforcing demo [-o demo.mp4]
+    lipforcing bench [--model 1.3b] [--backends reference,optimized] [--out R.json] [--compare BASE.json]
 
 User errors (bad files, missing weights, bad options) print one ``error:`` line and exit with status 2.
 """
@@ -195,6 +196,71 @@ def _demo(args: argparse.Namespace) -> int:
     timing.write_text(json.dumps(summary, indent=2))
     print(f"timing summary: {timing}")
     return 0
+
+
+@command("bench", "measure throughput, time to first frame and stage times (reference vs optimized)")
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="tiny, 1.3b or 14b (default: 1.3b on CUDA, tiny on CPU)")
+    p.add_argument("--ckpt", default=None, help="real weights instead of random ones")
+    p.add_argument("--height", type=int, default=None, help="pixels (default 512 on CUDA, 128 on CPU)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--chunks", type=int, default=None, help="timed chunks (default 20 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed chunks first (>= 3)")
+    p.add_argument("--backends", default="reference,optimized")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--encoder", default=None, choices=["wan", "taehv"], help="default wan on CUDA, taehv on CPU")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--compare", default=None, help="baseline JSON report to gate against")
+    p.add_argument("--max-regression", type=float, default=5.0, help="allowed FPS drop in percent")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..bench.pipeline import BenchConfig, dump, format_report, run_bench
+    from ..bench.report import compare
+
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise LipforcingError("--device cuda was asked for but CUDA is not available")
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    unknown = set(backends) - {"reference", "optimized"}
+    if unknown or not backends:
+        raise LipforcingError(f"--backends takes reference and/or optimized, got {args.backends!r}")
+    if args.warmup < 3:
+        raise LipforcingError("--warmup must be at least 3 (chunk 0, chunk 1 and one steady-state chunk)")
+    cfg = BenchConfig(
+        model=args.model or ("1.3b" if cuda else "tiny"), height=args.height or (512 if cuda else 128),
+        width=args.width or (512 if cuda else 128), chunks=args.chunks or (20 if cuda else 3), warmup=args.warmup,
+        backends=backends, device="cuda" if cuda else "cpu", dtype=args.dtype,
+        encoder=args.encoder or ("wan" if cuda else "taehv"), ckpt=args.ckpt, progress=not args.quiet,
+    )
+    baseline = None
+    if args.compare:
+        try:
+            baseline = json.loads(Path(args.compare).read_text())
+        except (OSError, ValueError) as exc:
+            raise LipforcingError(f"{args.compare}: cannot read the baseline report ({exc})") from None
+    report = run_bench(cfg)
+    print(format_report(report))
+    if args.out:
+        dump(report, args.out)
+    status = 0
+    if baseline is not None:
+        failures, notes = compare(report, baseline, args.max_regression)
+        for line in notes:
+            print(f"compare: {line}")
+        for line in failures:
+            print(f"compare: FAIL {line}")
+        status = 1 if failures else 0
+        report["compare"] = {"baseline": args.compare, "failures": failures, "notes": notes}
+    print(json.dumps(report))
+    return status
 
 
 def _model_config(name: str):

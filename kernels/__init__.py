@@ -1,1 +1,45 @@
-"""lipforcing.kernels"""
+"""lipforcing.kernels: Triton kernels of the engine's hot path, each beside its PyTorch reference.
+
+Ops (registered as ``torch.library`` custom ops ``torch.ops.lipforcing.*`` with fake implementations, so
+``torch.compile`` / CUDA graphs trace them; Python API in ``lipforcing.kernels.ops``):
+
+    attention             sink + window self-attention with the 3-axis dynamic RoPE fused in registers
+                          (sink_window_attention.py; op ``sink_window_attention``)
+    flow_update           unpatchify the head output and step the latent: x0 = x_t - t v, optional
+                          re-noising (flow_update.py; ops ``flow_x0``, ``flow_x0_renoise``)
+    modulated_layer_norm  LayerNorm without affine fused with LN(x)(1 + scale) + shift per frame
+                          (norm_modulation.py)
+    gated_residual        x + gate * y with a per-frame gate (gated_residual.py)
+    rms_norm              RMSNorm over the full width with a learned weight (rms_norm.py)
+
+Every kernel module holds a private ``_<op>_fwd_kernel``, a validating launcher ``<op>`` and a plain
+PyTorch reference ``<op>_ref``. Kernel modules import Triton at the top; this package and ``ops`` do not,
+so ``import lipforcing.kernels`` works without Triton. Check ``triton_available()`` before choosing the
+Triton backend; on CPU the kernels run only in the Triton interpreter (``TRITON_INTERPRET=1``, tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+# The Python API lives in ``lipforcing.kernels.ops`` (not re-exported here: three of its function names
+# are also submodule names, and the package attribute would change meaning once a submodule is imported).
+__all__ = ["triton_available"]
+
+
+def triton_available() -> tuple[bool, str]:
+    """(usable, reason): Triton is importable and there is a CUDA device or TRITON_INTERPRET=1."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install 'lipforcing[gpu]')"
+    try:
+        import triton  # noqa: F401
+    except Exception as err:  # a broken install raises more than ImportError
+        return False, f"triton failed to import: {err}"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, "triton interpreter (TRITON_INTERPRET=1)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in the CPU interpreter)"
+    return True, f"CUDA device {torch.cuda.get_device_name()}"
