@@ -94,6 +94,8 @@ class StreamingAttention:
         self, cache: SinkWindowCache, plan: ChunkPlan, rope: RopeTable, *, write: bool, backend: str
     ) -> None:
         self.cache, self.plan, self.rope, self.write, self.backend = cache, plan, rope, write, backend
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cached, v_cached, k_slot, v_slot = self.cache.layer_views(layer, self.plan)
@@ -121,8 +123,11 @@ class FullSequenceAttention:
 
     Temporal RoPE positions are the absolute latent frame indices. ``block_causal`` restricts each chunk
     to the frames a streaming chunk at the same place would see (sink + rolling window, itself included);
-    with absolute positions this equals streaming exactly while nothing has been evicted.
+    with absolute positions this equals streaming exactly while nothing has been evicted. It always uses the
+    reference backend: the fused kernels are forward-only and training needs gradients.
     """
+
+    backend = "reference"
 
     def __init__(
         self,

@@ -70,7 +70,13 @@ def heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 class AttentionContext(Protocol):
-    """How self-attention is computed for one call: against the cache, or over the whole sequence."""
+    """How self-attention is computed for one call: against the cache, or over the whole sequence.
+
+    ``backend`` is ``reference`` (plain PyTorch) or ``triton``: the latter also routes the blocks' norms,
+    modulation and gated residuals through the fused kernels of ``lipforcing.kernels``.
+    """
+
+    backend: str
 
     def self_attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -90,10 +96,16 @@ class SelfAttention(nn.Module):
     def forward(self, h: torch.Tensor, layer: int, ctx: AttentionContext) -> torch.Tensor:
         """h: [B, L, dim] float32 -> [B, L, dim] in the weight dtype."""
         n = self.num_heads
-        q = heads(self.norm_q(linear(self.q, h)), n)
-        k = heads(self.norm_k(linear(self.k, h)), n)
+        q, k = linear(self.q, h), linear(self.k, h)
+        if ctx.backend == "triton":
+            from ..kernels import ops
+
+            q = ops.rms_norm(q, self.norm_q.weight, self.norm_q.eps)
+            k = ops.rms_norm(k, self.norm_k.weight, self.norm_k.eps)
+        else:
+            q, k = self.norm_q(q), self.norm_k(k)
         v = heads(linear(self.v, h), n)
-        return linear(self.o, ctx.self_attention(layer, q, k, v).flatten(2))
+        return linear(self.o, ctx.self_attention(layer, heads(q, n), heads(k, n), v).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -140,6 +152,8 @@ class Block(nn.Module):
         b, f, t, d = x.shape
         mod = (self.modulation.float()[:, None] + e).unsqueeze(3)  # [B, F|1, 6, 1, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)  # each [B, F|1, 1, dim]
+        if ctx.backend == "triton":
+            return self._forward_fused(x, mod[:, :, :, 0], layer, text_kv, ctx)
 
         h = layer_norm_fp32(x, self.eps) * (1 + scale1) + shift1
         y = self.self_attn(h.reshape(b, f * t, d), layer, ctx).float().reshape(b, f, t, d)
@@ -151,6 +165,23 @@ class Block(nn.Module):
         h = layer_norm_fp32(x, self.eps) * (1 + scale2) + shift2
         y = linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h)))
         return x + gate2 * y.float()
+
+    def _forward_fused(self, x, mod, layer, text_kv, ctx) -> torch.Tensor:
+        """The same block with the modulated norms and gated residuals as fused Triton kernels.
+
+        x: [B, F, T, dim] float32; mod: [B, F|1, 6, dim] (shift1, scale1, gate1, shift2, scale2, gate2)."""
+        from ..kernels import ops
+
+        b, f, t, d = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)  # each [B, F|1, dim]
+        x = x.reshape(b, f * t, d)
+        h = ops.modulated_layer_norm(x, scale1, shift1, self.eps)
+        x = ops.gated_residual(x, self.self_attn(h, layer, ctx), gate1)
+        c = layer_norm_fp32(x, self.eps, self.norm3.weight, self.norm3.bias)
+        x = x + self.cross_attn(c, text_kv).float()
+        h = ops.modulated_layer_norm(x, scale2, shift2, self.eps)
+        x = ops.gated_residual(x, linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h))), gate2)
+        return x.reshape(b, f, t, d)
 
 
 class Head(nn.Module):
@@ -274,7 +305,7 @@ class CausalWanStudent(nn.Module):
         pt, ph, pw = self.cfg.patch_size
         rows, cols = h // ph, w // pw
         x = self.patch_embedding(x_in.to(self.dtype)).float()  # [B, dim, F, rows, cols]
-        x = x.flatten(3).permute(0, 2, 3, 1)  # [B, F, T, dim], tokens (frame, row, col)
+        x = x.flatten(3).permute(0, 2, 3, 1).contiguous()  # [B, F, T, dim], tokens (frame, row, col)
         for i, block in enumerate(self.blocks):
             j = self._audio_slot.get(i)
             if j is not None:
