@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps mediapipe==0.10.21
 	touch $@
 
 demo: setup
