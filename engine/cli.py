@@ -5,6 +5,7 @@
     lipforcing convert IN.pth OUT.safetensors
     lipforcing run VIDEO [--audio AUDIO] -o OUT.mp4 [--model 14b --ckpt ... --vae ... --taehv ...]
     lipforcing demo [-o demo.mp4]
+    lipforcing compile [--taehv taew2_1.pth] [-o DIR]
     lipforcing bench [--model 1.3b] [--backends reference,optimized] [--out R.json] [--compare BASE.json]
 
 User errors (bad files, missing weights, bad options) print one ``error:`` line and exit with status 2.
@@ -261,6 +262,36 @@ def _bench(args: argparse.Namespace) -> int:
         report["compare"] = {"baseline": args.compare, "failures": failures, "notes": notes}
     print(json.dumps(report))
     return status
+
+
+@command("compile", "export the TAEHV codec to ONNX, check it with onnxruntime, build TensorRT engines")
+def _compile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--taehv", default=None, help="taew2_1.pth (default: random weights at the real size)")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("-o", "--out", default="compiled", help="output directory")
+    p.add_argument("--no-tensorrt", action="store_true", help="only export and check the ONNX graphs")
+    p.set_defaults(run=_compile)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from ..compile.stage import compile_codecs
+    from .taehv import TAEHV, load_taehv
+
+    if args.taehv:
+        taehv = load_taehv(args.taehv)
+    else:
+        print("no --taehv given: exporting a TAEHV with random weights (shapes and parity only)")
+        taehv = TAEHV()
+    try:
+        report = compile_codecs(taehv, args.out, height=args.height, width=args.width, tensorrt=not args.no_tensorrt)
+    except ValueError as exc:
+        raise LipforcingError(str(exc)) from None
+    for part in ("decoder", "encoder"):
+        r = report[part]
+        print(f"{part}: {r['onnx']} (onnxruntime vs PyTorch relative error {r['onnxruntime_rel_err']:.1e}); "
+              f"TensorRT: {r['tensorrt']}")
+    return 0
 
 
 def _model_config(name: str):

@@ -298,9 +298,12 @@ class CausalWanStudent(nn.Module):
         codes: torch.Tensor,  # [B, F, audio_hidden] audio codes of these frames
         text_kv: list[tuple[torch.Tensor, torch.Tensor]],
         ctx: AttentionContext,
+        *,
+        tokens: bool = False,
     ) -> torch.Tensor:
         """The call with every per-call input precomputed: no host work, no allocation from host data,
-        so it can be captured in a CUDA graph."""
+        so it can be captured in a CUDA graph. ``tokens=True`` returns the head's token-major output
+        [B, F*T, patch_dim] instead of the unpatchified flow (for the fused flow-update kernel)."""
         b, _, f, h, w = x_in.shape
         pt, ph, pw = self.cfg.patch_size
         rows, cols = h // ph, w // pw
@@ -311,8 +314,10 @@ class CausalWanStudent(nn.Module):
             if j is not None:
                 x = x + linear(self.audio_cond_projs[j], codes).float()[:, :, None, :]
             x = block(x, e0, i, text_kv[i], ctx)
-        tokens = self.head(x, e)  # [B, F, T, patch_dim]
-        return unpatchify(tokens, (rows, cols), self.cfg.out_dim, (ph, pw))
+        out = self.head(x, e)  # [B, F, T, patch_dim]
+        if tokens:
+            return out.flatten(1, 2)
+        return unpatchify(out, (rows, cols), self.cfg.out_dim, (ph, pw))
 
 
 def _mlp_fp32(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

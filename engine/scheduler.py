@@ -108,25 +108,39 @@ class StaticStudent:
             raise RuntimeError("start_clip() first")
         return self.audio_codes.shape[1]
 
-    def _call(self, plan: ChunkPlan, step: int, write: bool) -> torch.Tensor:
+    def _call(self, plan: ChunkPlan, step: int, write: bool, tokens: bool = False) -> torch.Tensor:
         e, e0 = self.modulations[step]
         ctx = StreamingAttention(self.cache, plan, self.rope, write=write, backend=self.backend)
-        return self.model.forward_static(self.x_in, e, e0, self.codes, self.text_kv, ctx)
+        return self.model.forward_static(self.x_in, e, e0, self.codes, self.text_kv, ctx, tokens=tokens)
+
+    def _flow_step(self, plan: ChunkPlan, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One denoising call and its update: (x0, the re-noised input of the next call or None)."""
+        t_list = self.stream.t_list
+        t_next = t_list[i + 1] if i + 1 < len(t_list) else None
+        t = t_list[i]
+        if self.backend == "triton":  # x0 and the re-noise read the head's tokens in one fused pass (fp32)
+            from ..kernels import ops
+
+            v_tok = self._call(plan, i, write=False, tokens=True)
+            if t_next is None:
+                return ops.flow_update(v_tok, x, t), None
+            return ops.flow_update(v_tok, x, t, t_next, self.renoise[i])
+        flow = self._call(plan, i, write=False)
+        x0 = (x.double() - t * flow.double()).float()
+        if t_next is None:
+            return x0, None
+        return x0, ((1 - t_next) * x0.double() + t_next * self.renoise[i].double()).float()
 
     def _chunk_body(self, plan: ChunkPlan) -> None:
         """All device work of one chunk; reads and writes static buffers only (graph-capturable)."""
-        o, t_list = self.model.cfg.out_dim, self.stream.t_list
+        o = self.model.cfg.out_dim
         x = self.noise
-        for i, t in enumerate(t_list):
+        for i in range(len(self.stream.t_list)):
             self.x_in[:, :o].copy_(x)
-            flow = self._call(plan, i, write=False)
-            x0 = (x.double() - t * flow.double()).float()
-            if i + 1 < len(t_list):
-                t_next = t_list[i + 1]
-                x = ((1 - t_next) * x0.double() + t_next * self.renoise[i].double()).float()
+            x0, x = self._flow_step(plan, i, x)
         self.x0.copy_(x0)
         self.x_in[:, :o].copy_(self.x0)
-        self._call(plan, len(t_list), write=True)
+        self._call(plan, len(self.stream.t_list), write=True)
 
     @torch.no_grad()
     def run_chunk(

@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels run in the CPU interpreter; the flag is read when kernels are defined, so it is set
+    # before any test module imports Triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIPFORCING_SHARED", REPO_ROOT.parent / "shared"))
 

@@ -61,3 +61,16 @@ def test_check_reference_bad_file_is_a_clear_error(tmp_path, capsys):
 def test_golden_on_cuda(golden_files):
     for path in golden_files:
         assert check_golden(path, device="cuda", backend="reference").ok
+
+
+def test_check_reference_with_triton_kernels(golden_files, capsys):
+    """The whole engine on the Triton backend (the CPU interpreter without CUDA) passes the golden check."""
+    pytest.importorskip("triton")
+    from lipforcing.kernels import triton_available
+
+    ok, why = triton_available()
+    if not ok:
+        pytest.skip(why)
+    device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
+    assert main(["check-reference", *map(str, golden_files), "--backend", "triton", "--device", device]) == 0
+    assert "backend triton): pass" in capsys.readouterr().out

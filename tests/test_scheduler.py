@@ -96,3 +96,21 @@ def test_cuda_graph_replay_equals_eager(model, clip_inputs):
                                 clip_inputs["ref_seq"][:, :, s : s + 3].cuda()).clone() for s in range(0, L, 3)]
     assert len(student.graphs) == 3
     torch.testing.assert_close(torch.cat(chunks, dim=2).cpu(), ref.cpu(), rtol=1e-5, atol=1e-5)
+
+
+def test_static_student_with_triton_kernels_matches_reference(model, clip_inputs):
+    """Triton backend (attention, norms, fused flow update; the CPU interpreter here) vs the plain loop."""
+    pytest.importorskip("triton")
+    from lipforcing.kernels import triton_available
+
+    ok, why = triton_available()
+    if not ok:
+        pytest.skip(why)
+    ref = _sequential(model, clip_inputs)[:, :, :9]  # chunk 0, chunk 1 and one steady-state chunk
+    student = StaticStudent(model, STREAM, backend="triton", seed=11, cuda_graphs=False)
+    student.start_clip(clip_inputs["text"], clip_inputs["audio"], clip_inputs["ref"], clip_inputs["mask"])
+    out = torch.cat([student.run_chunk(clip_inputs["masked"][:, :, s : s + 3],
+                                       clip_inputs["ref_seq"][:, :, s : s + 3]).clone() for s in range(0, 9, 3)], 2)
+    from conftest import rel_err
+
+    assert rel_err(out, ref) < 1e-5
