@@ -10,6 +10,8 @@ Backends:
     reference  the plain sequential loop: StreamingSampler (eager, reference attention), PyTorch decoder
     optimized  StaticStudent (Triton kernels when available, CUDA graphs on CUDA) inside ChunkPipeline
                (encode / student / decode on three CUDA streams), decoder via TensorRT when available
+    compiled   optimized with the student's blocks under torch.compile (opt-in: compiling takes minutes;
+               it changes the model in place, so it is always measured last)
 On a machine without CUDA the tiny model runs on the CPU and the report says the figures are CPU figures.
 """
 
@@ -161,7 +163,11 @@ def _run_backend(name: str, cfg: BenchConfig, nets, stream: StreamConfig, device
 
     paste = _paste_stage(pixels[0].shape[-2:], device)
 
-    optimized = name == "optimized"
+    optimized = name in ("optimized", "compiled")
+    if name == "compiled":
+        from ..compile.backends import compile_student
+
+        compile_student(model, mode="max-autotune-no-cudagraphs" if device.type == "cuda" else None)
     if optimized:
         from ..compile.backends import ChunkDecoder
 
@@ -293,8 +299,9 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     total = len(cfg.backends) * 2 * (cfg.warmup + cfg.chunks)
     results = {}
+    order = sorted(cfg.backends, key=lambda b: b == "compiled")  # compiling changes the model in place
     with tqdm(total=total, unit="chunk", desc="bench", disable=not cfg.progress) as bar:
-        for name in cfg.backends:
+        for name in order:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             res = _run_backend(name, cfg, nets, stream, device, bar)

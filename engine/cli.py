@@ -115,6 +115,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", default="wan", choices=["wan", "taehv"])
     p.add_argument("--decoder", default="taehv", choices=["taehv", "wan"])
     p.add_argument("--backend", default=None, choices=["reference", "triton"], help="student attention backend")
+    p.add_argument("--decoder-backend", default=None, choices=["auto", "tensorrt", "onnxruntime", "torch"],
+                   help="TAEHV decoder backend (default: auto on CUDA, torch on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student's blocks")
     p.add_argument("--face-box", default=None, help="x,y,w,h: use the face whose centre lies in this box")
     p.add_argument("--mask", default=None, help="mouth mask image (255 = keep) instead of the built-in one")
     p.add_argument("--require-face", action="store_true", help="fail when no face is found anywhere")
@@ -138,6 +141,7 @@ def _run_config(args: argparse.Namespace):
     cfg = RunConfig(
         model=args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         dtype=args.dtype, encoder=args.encoder, decoder=args.decoder, backend=args.backend, face_box=box,
+        decoder_backend=args.decoder_backend, compile=args.compile,
         mask=args.mask, require_face=args.require_face, seed=args.seed,
     )
     weights = Weights(ckpt=args.ckpt, vae=args.vae, taehv=args.taehv, wav2vec=args.wav2vec,
@@ -207,7 +211,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--chunks", type=int, default=None, help="timed chunks (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=3, help="untimed chunks first (>= 3)")
-    p.add_argument("--backends", default="reference,optimized")
+    p.add_argument("--backends", default="reference,optimized", help="any of reference,optimized,compiled")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--encoder", default=None, choices=["wan", "taehv"], help="default wan on CUDA, taehv on CPU")
@@ -230,9 +234,9 @@ def _bench(args: argparse.Namespace) -> int:
     if cuda and not torch.cuda.is_available():
         raise LipforcingError("--device cuda was asked for but CUDA is not available")
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
-    unknown = set(backends) - {"reference", "optimized"}
+    unknown = set(backends) - {"reference", "optimized", "compiled"}
     if unknown or not backends:
-        raise LipforcingError(f"--backends takes reference and/or optimized, got {args.backends!r}")
+        raise LipforcingError(f"--backends takes reference, optimized and/or compiled, got {args.backends!r}")
     if args.warmup < 3:
         raise LipforcingError("--warmup must be at least 3 (chunk 0, chunk 1 and one steady-state chunk)")
     cfg = BenchConfig(

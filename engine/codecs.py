@@ -44,6 +44,8 @@ class LatentEncoder:
 class LatentDecoder:
     """Streaming latent -> pixel decoder; returns frames [T, 3, H, W] in [0, 1]."""
 
+    backend = "torch"
+
     def __init__(self, kind: str, model: WanVAE | TAEHV) -> None:
         self.kind, self.model = kind, model
         self.dtype = next(model.parameters()).dtype
@@ -60,6 +62,24 @@ class LatentDecoder:
             frames = self._stream.push(x)[0].permute(1, 0, 2, 3)  # [T, 3, H, W] in [-1, 1]
             return ((frames.float() + 1) / 2).clamp(0, 1)
         return self._stream.push(x.permute(0, 2, 1, 3, 4))[0].float()
+
+
+class BackendTAEHVDecoder:
+    """The TAEHV decoder through a compiled backend (onnxruntime or TensorRT), same interface as
+    ``LatentDecoder``: push(z [1, 16, l, h, w]) -> frames [T, 3, H, W] in [0, 1]."""
+
+    kind = "taehv"
+
+    def __init__(self, chunk_decoder) -> None:
+        self.chunk_decoder = chunk_decoder
+        self.backend = chunk_decoder.backend
+
+    def reset(self) -> None:
+        self.chunk_decoder.reset()
+
+    @torch.no_grad()
+    def push(self, z: torch.Tensor) -> torch.Tensor:
+        return self.chunk_decoder(z.permute(0, 2, 1, 3, 4))[0].float()
 
 
 def _check(kind: str) -> None:

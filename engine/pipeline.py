@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codecs import LatentDecoder, LatentEncoder, make_decoder, make_encoder
+from .codecs import BackendTAEHVDecoder, LatentDecoder, LatentEncoder, make_decoder, make_encoder
 from .config import ModelConfig, StreamConfig
 from .errors import ConfigError, WeightsError
 from .face import FACE_SIZE, AlignedFace, FaceAligner
@@ -63,6 +63,10 @@ class RunConfig:
     """Latent encoder: wan (as released) or taehv."""
     decoder: str = "taehv"
     """Latent decoder: taehv (as released) or wan."""
+    decoder_backend: str | None = None
+    """TAEHV decoder backend: auto, tensorrt, onnxruntime or torch (default: auto on CUDA, torch on CPU)."""
+    compile: bool = False
+    """torch.compile the student's blocks (another student backend; compiles on the first chunks)."""
     backend: str | None = None
     """Student attention backend: reference or triton (default: triton on CUDA when available)."""
     face_box: tuple[float, float, float, float] | None = None
@@ -142,13 +146,17 @@ def build_components(cfg: RunConfig, weights: Weights = Weights()) -> Components
         model, vae, taehv, audio, text = tiny_components(device, seed=cfg.seed)
     else:
         model, vae, taehv, audio, text = _real_components(cfg, weights, device)
+    if cfg.compile:
+        from ..compile.backends import compile_student
+
+        compile_student(model)
     student = StaticStudent(model, stream, backend=cfg.backend, seed=cfg.seed)
     keep = load_mask(cfg.mask) if cfg.mask else mouth_mask01()
     return Components(
         student=student,
         encoder_masked=make_encoder(cfg.encoder, vae=vae, taehv=taehv),
         encoder_ref=make_encoder(cfg.encoder, vae=vae, taehv=taehv),
-        decoder=make_decoder(cfg.decoder, vae=vae, taehv=taehv),
+        decoder=_decoder(cfg, vae, taehv, stream, device),
         audio_features=audio,
         text_context=text,
         aligner=FaceAligner(face_box=cfg.face_box, detect_every=cfg.detect_every,
@@ -156,6 +164,20 @@ def build_components(cfg: RunConfig, weights: Weights = Weights()) -> Components
         keep_mask=keep,
         config=cfg,
     )
+
+
+def _decoder(cfg: RunConfig, vae, taehv, stream: StreamConfig, device: torch.device):
+    """The latent decoder; TAEHV may run through a compiled backend (falls back loudly when absent)."""
+    backend = cfg.decoder_backend or ("auto" if device.type == "cuda" else "torch")
+    if cfg.decoder != "taehv" or backend == "torch":
+        if cfg.decoder != "taehv" and backend not in ("torch", "auto"):
+            log.warning("lipforcing: decoder backend %s applies to TAEHV only; the Wan decoder runs in PyTorch",
+                        backend)
+        return make_decoder(cfg.decoder, vae=vae, taehv=taehv)
+    from ..compile.backends import ChunkDecoder
+
+    chunk = ChunkDecoder.create(taehv, backend=backend, latent_hw=(stream.latent_h, stream.latent_w), device=device)
+    return BackendTAEHVDecoder(chunk) if chunk.backend != "torch" else make_decoder("taehv", taehv=taehv)
 
 
 def _real_components(cfg: RunConfig, w: Weights, device: torch.device):

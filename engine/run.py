@@ -83,6 +83,7 @@ def run_video(
         "cuda_graphs": parts.student.cuda_graphs,
         "encoder": parts.encoder_ref.kind,
         "decoder": parts.decoder.kind,
+        "decoder_backend": parts.decoder.backend,
     }
 
 
@@ -91,7 +92,7 @@ def format_summary(summary: dict) -> str:
         f"wrote {summary['output']}: {summary['frames']} frames, {summary['duration_s']:.2f} s at 25 fps",
         f"  total {summary['seconds']:.2f} s ({summary['fps']} frames/s); faces found in "
         f"{summary['faces_found']} frames; student backend {summary['student_backend']}, "
-        f"encoder {summary['encoder']}, decoder {summary['decoder']}",
+        f"encoder {summary['encoder']}, decoder {summary['decoder']} ({summary['decoder_backend']})",
     ]
     for stage, secs in summary["stage_seconds"].items():
         per = secs / max(summary["frames"], 1) * 1e3
