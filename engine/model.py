@@ -85,13 +85,18 @@ class AttentionContext(Protocol):
         ...
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o projections and the q/k RMSNorms shared by both attentions (released key names)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d = cfg.dim
         self.num_heads = cfg.num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
+
+
+class SelfAttention(_Projections):
 
     def forward(self, h: torch.Tensor, layer: int, ctx: AttentionContext) -> torch.Tensor:
         """h: [B, L, dim] float32 -> [B, L, dim] in the weight dtype."""
@@ -108,13 +113,7 @@ class SelfAttention(nn.Module):
         return linear(self.o, ctx.self_attention(layer, heads(q, n), heads(k, n), v).flatten(2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        d = cfg.dim
-        self.num_heads = cfg.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
+class CrossAttention(_Projections):
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context: [B, text_len, dim] -> K, V each [B, text_len, H, D] (computed once per clip)."""

@@ -40,8 +40,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import WeightsError
-
 log = logging.getLogger(__name__)
 
 
@@ -287,38 +285,17 @@ class TAEHVStreamDecoder:
         return self._empty
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a flat tensor dict from ``.pth`` (``weights_only``, memory-mapped) or ``.safetensors``."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {str(path)!r} does not exist; pass the path of the downloaded file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-        log.info("%s is in the legacy torch.save format; loading it without mmap", path)
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise WeightsError(f"{str(path)!r} holds a {type(sd).__name__}, not a state dict of tensors")
-    return sd
-
-
 def load_taehv(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     config: TAEHVConfig | None = None,
 ) -> TAEHV:
-    """Build TAEHV and load ``taew2_1.pth`` / ``.safetensors`` strictly; returns an eval, no-grad model."""
-    sd = load_state_dict_file(path)
-    model = TAEHV(config)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as err:
-        raise WeightsError(f"{str(path)!r} is not a TAEHV Wan 2.1 checkpoint (taew2_1): {err}") from None
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    """Build TAEHV and load ``taew2_1.pth`` / ``.safetensors`` strictly (the checks and error messages of
+    ``checkpoint.read_state_dict`` / ``load_into``); returns an eval, no-grad model."""
+    from .checkpoint import load_into, read_state_dict
+
+    with torch.device("meta"):
+        model = TAEHV(config)
+    load_into(model, read_state_dict(path), device=device, dtype=dtype, source=f"{path} (TAEHV for Wan 2.1)")
+    return model.eval().requires_grad_(False)

@@ -38,9 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import WeightsError
-from .taehv import load_state_dict_file
-
 LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -454,11 +451,9 @@ def load_wan_vae(
 ) -> WanVAE:
     """Build the VAE on the meta device and load ``Wan2.1_VAE.pth`` / ``.safetensors`` strictly
     (tensors assigned, no double allocation); returns an eval, no-grad model on ``device``/``dtype``."""
-    sd = load_state_dict_file(path)
+    from .checkpoint import load_into, read_state_dict
+
     with torch.device("meta"):
         model = WanVAE(config)
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as err:
-        raise WeightsError(f"{str(path)!r} is not a Wan 2.1 VAE checkpoint: {err}") from None
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    load_into(model, read_state_dict(path), device=device, dtype=dtype, source=f"{path} (Wan 2.1 VAE)")
+    return model.eval().requires_grad_(False)

@@ -169,5 +169,5 @@ def test_loader_round_trip(vae: WanVAE, tmp_path, suffix: str) -> None:
     assert not any(p.requires_grad for p in loaded.parameters())
     x = _video(5, h=16, w=16)
     assert torch.equal(loaded.encode(x), vae.encode(x))
-    with pytest.raises(WeightsError, match="not a Wan 2.1 VAE"):
+    with pytest.raises(WeightsError, match=r"\(Wan 2.1 VAE\): checkpoint does not match the model"):
         load_wan_vae(path)  # full-size config vs tiny tensors
