@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .cache import ChunkPlan, SinkWindowCache, visible_cached_frames
 from .config import ModelConfig, StreamConfig
+from .errors import ConfigError
 from .rope import apply_rope, rope_angles
 
 log = logging.getLogger("lipforcing")
@@ -42,13 +43,13 @@ def resolve_backend(requested: str | None, device: torch.device | str) -> str:
             else:
                 log.warning("Triton kernels unavailable (%s); using the reference backend", why)
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+        raise ConfigError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     if name == "triton":
         from ..kernels import triton_available
 
         ok, why = triton_available()
         if not ok:
-            raise RuntimeError(f"backend 'triton' requested but unavailable: {why}")
+            raise ConfigError(f"backend 'triton' requested but unavailable: {why}")
     return name
 
 

@@ -75,7 +75,10 @@ def check_golden(
     load_into(model, weights, device=device, dtype=dtype, source=str(path))
     model.eval()
 
-    sampler = StreamingSampler(model, cfg.stream, backend=backend, keep_intermediates=True)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise LipforcingError("--device cuda was asked for but CUDA is not available")
+    batch = inp["noise"].shape[0]
+    sampler = StreamingSampler(model, cfg.stream, batch=batch, backend=backend, keep_intermediates=True)
     sampler.start_clip(inp["text_context"], inp["audio_emb"], inp["ref_latent"], inp["mask_latent"])
     chunks = sampler.run_clip(inp["masked_video"], inp["ref_sequence"], inp["noise"], [inp["renoise"]])
 

@@ -175,3 +175,37 @@ def test_1_3b_config_and_inference_from_shapes():
         shapes = {k: v.shape for k, v in CausalWanStudent(odd).state_dict().items()}
     assert ModelConfig.from_state_dict_shapes(shapes, num_heads=6) == odd
     assert ModelConfig.from_state_dict_shapes(shapes).head_dim == 128
+
+
+def test_batched_sampler_equals_separate_clips():
+    torch.manual_seed(0)
+    model = CausalWanStudent(MICRO).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(4)
+    text, audio = torch.randn(2, MICRO.text_len, 4096, generator=g), torch.randn(2, 1 + 4 * 5, 8, generator=g)
+    ref, mask = torch.randn(2, 16, 1, 4, 6, generator=g), (torch.rand(2, 1, 1, 4, 6, generator=g) > 0.5).float()
+    lat, noise, renoise = (torch.randn(2, 16, 6, 4, 6, generator=g) for _ in range(3))
+
+    def run(sl, batch):
+        sampler = StreamingSampler(model, STREAM, batch=batch, backend="reference")
+        sampler.start_clip(text[sl], audio[sl], ref[sl], mask[sl])
+        return torch.cat([c.x0 for c in sampler.run_clip(lat[sl], lat[sl], noise[sl], [renoise[sl]])], dim=2)
+
+    both = run(slice(0, 2), 2)
+    assert rel_err(both[:1], run(slice(0, 1), 1)) < TOLERANCE[torch.float32]
+    assert rel_err(both[1:], run(slice(1, 2), 1)) < TOLERANCE[torch.float32]
+
+
+def test_unknown_or_unavailable_backend_is_a_config_error(monkeypatch):
+    import pytest
+
+    from lipforcing.engine.attention import resolve_backend
+    from lipforcing.engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown backend"):
+        resolve_backend("fast", "cpu")
+    monkeypatch.setattr("lipforcing.kernels.triton_available", lambda: (False, "no triton here"))
+    with pytest.raises(ConfigError, match="no triton here"):
+        resolve_backend("triton", "cpu")
