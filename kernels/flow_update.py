@@ -162,10 +162,11 @@ def flow_update(
 
 def unpatchify_ref(v_tok: torch.Tensor, shape: tuple[int, ...], patch_hw: tuple[int, int]) -> torch.Tensor:
     """[B, L, ph*pw*C] tokens -> [B, C, F, H, W] (SPEC §4.7), same dtype."""
+    from ..engine.model import unpatchify
+
     b, c, f, h, w = shape
     ph, pw = patch_hw
-    v = v_tok.reshape(b, f, h // ph, w // pw, ph, pw, c)            # [B, F, rows, cols, ph, pw, C]
-    return v.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, c, f, h, w)
+    return unpatchify(v_tok.reshape(b, f, -1, v_tok.shape[-1]), (h // ph, w // pw), c, (ph, pw))
 
 
 def flow_update_ref(
