@@ -41,6 +41,8 @@ def tiny_components(device: torch.device, seed: int = 0):
                 p.normal_(0, 0.02)
     vae = WanVAE(WanVAEConfig.from_name("tiny")).eval()
     taehv = TAEHV(TAEHVConfig(encoder_width=16, decoder_widths=(32, 16, 16, 16))).eval()
+    with torch.no_grad():  # centre the random decoder's output in [0, 1] so the painted region is visible
+        taehv.decoder[-1].bias.fill_(0.5)
     audio = TinyWav2Vec2(seed)
     if audio.feature_dim != cfg.audio_dim:
         raise AssertionError(f"tiny wav2vec2 gives {audio.feature_dim} channels, tiny student expects {cfg.audio_dim}")
