@@ -16,7 +16,6 @@ layers run in the weight dtype (bf16 for the real models, fp32 for parity checks
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -342,7 +341,3 @@ def count_parameters(cfg: ModelConfig) -> int:
     with torch.device("meta"):
         model = CausalWanStudent(cfg)
     return sum(p.numel() for p in model.parameters())
-
-
-def attention_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

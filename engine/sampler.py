@@ -25,6 +25,21 @@ from .model import CausalWanStudent, ClipConditioning
 log = logging.getLogger("lipforcing")
 
 
+def flow_step(
+    x: torch.Tensor,  # [B, C, F, h, w] input of the call
+    flow: torch.Tensor,  # [B, C, F, h, w] network output
+    t: float,
+    t_next: float | None = None,
+    eps: torch.Tensor | None = None,  # [B, C, F, h, w] noise of the re-noise step
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x0 = x - t * flow and, for a following call, x' = (1 - t_next) x0 + t_next eps; in float64 like the
+    released code, returned in float32. Returns (x0, x' or None)."""
+    x0 = (x.double() - t * flow.double()).float()
+    if t_next is None:
+        return x0, None
+    return x0, ((1 - t_next) * x0.double() + t_next * eps.double()).float()
+
+
 @dataclass
 class ChunkOutput:
     """Everything one chunk produced; every latent is [B, out_dim, chunk_frames, h, w]."""
@@ -136,15 +151,16 @@ class StreamingSampler:
         x0_steps, xt_steps, flows = [], [], []
         for i, t in enumerate(t_list):
             flow = self._call(self._inputs(x, masked, ref_seq), t, start, plan, write=False)
-            x0 = (x.double() - t * flow.double()).float()
+            last = i + 1 == len(t_list)
+            eps = None
+            if not last:
+                eps = self._noise(shape) if renoise is None else renoise[i].to(self.device, torch.float32)
             if self.keep_intermediates:
                 xt_steps.append(x)
                 flows.append(flow)
+            x0, x = flow_step(x, flow, t, None if last else t_list[i + 1], eps)
+            if self.keep_intermediates:
                 x0_steps.append(x0)
-            if i + 1 < len(t_list):
-                t_next = t_list[i + 1]
-                eps = self._noise(shape) if renoise is None else renoise[i].to(self.device, torch.float32)
-                x = ((1 - t_next) * x0.double() + t_next * eps.double()).float()
         self._call(self._inputs(x0, masked, ref_seq), self.stream.commit_t, start, plan, write=True)
         self.cache.commit()
         self.next_frame = start + c

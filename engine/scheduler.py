@@ -33,6 +33,7 @@ from .attention import RopeTable, StreamingAttention, resolve_backend
 from .cache import ChunkPlan, SinkWindowCache
 from .config import StreamConfig
 from .model import CausalWanStudent
+from .sampler import flow_step
 
 log = logging.getLogger("lipforcing")
 
@@ -125,11 +126,7 @@ class StaticStudent:
             if t_next is None:
                 return ops.flow_update(v_tok, x, t), None
             return ops.flow_update(v_tok, x, t, t_next, self.renoise[i])
-        flow = self._call(plan, i, write=False)
-        x0 = (x.double() - t * flow.double()).float()
-        if t_next is None:
-            return x0, None
-        return x0, ((1 - t_next) * x0.double() + t_next * self.renoise[i].double()).float()
+        return flow_step(x, self._call(plan, i, write=False), t, t_next, None if t_next is None else self.renoise[i])
 
     def _chunk_body(self, plan: ChunkPlan) -> None:
         """All device work of one chunk; reads and writes static buffers only (graph-capturable)."""
@@ -182,11 +179,9 @@ class StaticStudent:
         """Record the chunk body for this window shape. Capture records kernels without running them,
         so the cache and outputs are not touched."""
         graph = torch.cuda.CUDAGraph()
-        saved_x0 = self.x0.clone()
         with torch.cuda.graph(graph, pool=self._graph_pool):
             self._chunk_body(plan)
         self._graph_pool = graph.pool()
-        self.x0.copy_(saved_x0)
         self.graphs[plan.num_cached] = graph
         log.info("lipforcing: captured the chunk graph for %d cached frames", plan.num_cached)
 
