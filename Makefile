@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,media
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-all lint clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
+
+test-all: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "slow or not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

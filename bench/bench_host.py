@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lipforcing.engine.face import FACE_SIZE, FaceAligner, invert_affine, warp_affine_cv2, warp_affine_torch
-from lipforcing.engine.paste_back import paste_back
+from lipforcing.engine.media.face import FACE_SIZE, FaceAligner, invert_affine, warp_affine_cv2, warp_affine_torch
+from lipforcing.engine.media.paste_back import paste_back
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -56,7 +56,7 @@ def test_frame(height: int, width: int) -> tuple[np.ndarray, bool]:
     import cv2
 
     if clip.exists():
-        from lipforcing.engine.media import VideoReader
+        from lipforcing.engine.media.io import VideoReader
 
         with VideoReader(clip, max_frames=1) as reader:
             frame = next(iter(reader))

@@ -70,7 +70,7 @@ def try_variant(name: str, make: Callable[[], Callable[[], object]], rep_ms: int
 
 def rope_tables(frame_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [1, L, 1, D/2] fp32 of the tokens of frames at ``frame_pos`` (host-side plan)."""
-    from lipforcing.engine.rope import rope_angles
+    from lipforcing.kernels.rope import rope_angles
 
     angles = rope_angles(frame_pos, *GRID_HW, PAIRS_THW).float()
     return angles.cos()[None, :, None], angles.sin()[None, :, None]

@@ -1,29 +1,40 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call: GPU tests, golden parity on CUDA (reference and Triton),
-# kernel benchmarks and engine benchmarks for 1.3B and 14B. Results go under $OUT (default gpu-results/).
+# Everything that needs a GPU, in one call: the GPU tests (Triton kernels in bf16 at real shapes, CUDA graphs,
+# the three-stream pipeline against the sequential path, the fast session against the reference session),
+# golden parity on CUDA (reference and Triton), the memory plan against what the engine allocates, kernel
+# benchmarks, and the session benchmark with its ablation for 1.3B and 14B. Results go under $OUT (default
+# gpu-results/) and, for the session benchmarks, bench/results/<device>-<model>.json.
 #
 #   LIPFORCING_SHARED=path/to/shared OUT=gpu-results bash bench/gpu_suite.sh
 #
-# It uses the machine's python3 (PyTorch + Triton preinstalled) and imports the package from this
-# checkout without installing it.
+# It uses the machine's python3 (PyTorch + Triton preinstalled) and imports the package from this checkout
+# without installing it. Each step's failure is logged and the suite goes on, so one call reports everything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
-mkdir -p "$OUT"
+mkdir -p "$OUT" bench/results
 pkg=$(mktemp -d)
 ln -s "$PWD" "$pkg/lipforcing"
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export LIPFORCING_CACHE=${LIPFORCING_CACHE:-$OUT/cache}
 commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 echo "commit $commit" | tee "$OUT/commit.txt"
 nvidia-smi | tee "$OUT/nvidia-smi.txt"
+device=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 
-step() { echo "== $*"; "$@" 2>&1 | tee -a "$OUT/suite.log"; }
+step() { echo "== $*" | tee -a "$OUT/suite.log"; "$@" 2>&1 | tee -a "$OUT/suite.log"; }
 
-step python3 -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_elementwise.py \
-    tests/test_scheduler.py tests/test_golden.py tests/test_model.py
+step python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu or graph" tests/kernels tests/runtime tests/tools \
+    tests/media/test_face.py
+step python3 -m pytest -q -p no:cacheprovider tests/runtime tests/app/test_session.py tests/tools/test_golden.py
 golden=("${LIPFORCING_SHARED:-../shared}"/golden/*.safetensors)
-step python3 -m lipforcing.engine.cli check-reference "${golden[@]}" --device cuda --backend reference
-step python3 -m lipforcing.engine.cli check-reference "${golden[@]}" --device cuda --backend triton
+step python3 -m lipforcing.cli check-reference "${golden[@]}" --device cuda --backend reference
+step python3 -m lipforcing.cli check-reference "${golden[@]}" --device cuda --backend triton
+step python3 -m lipforcing.cli info --model 14b --memory --json
 step python3 -m lipforcing.bench.bench_kernels --out "$OUT/kernels.json"
-step python3 -m lipforcing.engine.cli bench --model 1.3b --chunks 20 --quiet --out "$OUT/bench-1.3b.json"
-step python3 -m lipforcing.engine.cli bench --model 14b --chunks 8 --quiet --out "$OUT/bench-14b.json"
+for model in 1.3b 14b; do
+    chunks=$([ "$model" = 14b ] && echo 8 || echo 20)
+    step python3 -m lipforcing.cli bench --model "$model" --chunks "$chunks" --quiet \
+        --out "bench/results/$device-$model.json"
+    cp "bench/results/$device-$model.json" "$OUT/" 2>/dev/null
+done

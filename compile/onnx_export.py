@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.taehv import TAEHV, MemBlock, TPool, run_blocks
+from ..engine.codecs.taehv import TAEHV, MemBlock, TPool, run_blocks
 
 
 def _memblock_inputs(blocks: nn.Sequential, x: torch.Tensor) -> list[tuple[int, torch.Size]]:
@@ -109,23 +109,65 @@ def export_encoder(taehv: TAEHV, path: str | Path, frame_hw: tuple[int, int], ch
     return export_step(TAEHVEncoderStep(taehv, frame_hw, chunk_frames), path)
 
 
-class OnnxStepRunner:
-    """Runs an exported step with onnxruntime, carrying the state from one chunk to the next."""
+def onnxruntime_providers(device: torch.device | str) -> list[str]:
+    """CUDA when the engine runs on CUDA and this onnxruntime build has it, else the CPU provider."""
+    import onnxruntime as ort
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxStepRunner:
+    """Runs an exported step with onnxruntime, carrying the state from one chunk to the next.
+
+    Inputs, outputs and the state stay torch tensors on ``device`` and are bound to the session by address
+    (I/O binding), so on CUDA nothing goes through the host. ``stream`` (CUDA) is the stream the session
+    computes on (onnxruntime's ``user_compute_stream``): the step is then ordered with the caller's work
+    like any other kernel on that stream.
+    """
+
+    def __init__(self, path: str | Path, *, device: torch.device | str = "cpu",
+                 stream: torch.cuda.Stream | None = None) -> None:
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        self.device = torch.device(device)
+        providers: list = onnxruntime_providers(self.device)
+        if providers[0] == "CUDAExecutionProvider":
+            options = {"device_id": self.device.index or 0}
+            if stream is not None:
+                options.update(has_user_compute_stream="1", user_compute_stream=str(stream.cuda_stream))
+            providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+        else:
+            self.device = torch.device("cpu")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: no provider-assignment chatter on the console
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
         inputs = self.session.get_inputs()
         self.state_inputs = [i for i in inputs if i.name.startswith("state_")]
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self._y = torch.empty(tuple(outputs["y"].shape), device=self.device)
         self.reset()
 
     def reset(self) -> None:
-        self.state = [np.zeros(i.shape, dtype=np.float32) for i in self.state_inputs]
+        self.state = [torch.zeros(tuple(i.shape), device=self.device) for i in self.state_inputs]
+        self._next_state = [torch.empty_like(s) for s in self.state]
+
+    def _bind(self, binding, name: str, tensor: torch.Tensor, output: bool) -> None:
+        kind = "cuda" if tensor.is_cuda else "cpu"
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, kind, tensor.device.index or 0, np.float32, tuple(tensor.shape), tensor.data_ptr())
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        feeds = {"x": x.detach().cpu().float().numpy()}
-        feeds.update({i.name: s for i, s in zip(self.state_inputs, self.state)})
-        y, *state = self.session.run(None, feeds)
-        self.state = state
-        return torch.from_numpy(y)
+        """One chunk: x [N, ...] (float32 on any device) -> y (a new tensor on the runner's device)."""
+        x = x.detach().to(self.device, torch.float32).contiguous()
+        binding = self.session.io_binding()
+        self._bind(binding, "x", x, output=False)
+        for i, (spec, state, new) in enumerate(zip(self.state_inputs, self.state, self._next_state)):
+            self._bind(binding, spec.name, state, output=False)
+            self._bind(binding, f"new_state_{i}", new, output=True)
+        self._bind(binding, "y", self._y, output=True)
+        self.session.run_with_iobinding(binding)
+        self.state, self._next_state = self._next_state, self.state
+        return self._y.clone()

@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from ..engine.user_cache import user_cache_dir
 
 log = logging.getLogger("lipforcing")
 
@@ -57,11 +58,6 @@ def engine_cache_key(
     h.update(json.dumps({k: list(v) for k, v in sorted(shapes.items())}).encode())
     h.update(f"{gpu}|{trt_version}|{precision}".encode())
     return h.hexdigest()[:32]
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("LIPFORCING_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lipforcing")
-    return Path(base) / "tensorrt"
 
 
 def build_engine(
@@ -110,7 +106,7 @@ def build_or_load_engine(
     """Return a serialized engine for ``onnx_path``, from the engine cache when one matches the key."""
     import tensorrt as trt
 
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir else user_cache_dir("tensorrt")
     cache_dir.mkdir(parents=True, exist_ok=True)
     onnx_bytes = Path(onnx_path).read_bytes()
     key = engine_cache_key(onnx_bytes, shapes, gpu=gpu_signature(), trt_version=trt.__version__,

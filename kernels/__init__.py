@@ -12,6 +12,10 @@ Ops (registered as ``torch.library`` custom ops ``torch.ops.lipforcing.*`` with 
     gated_residual        x + gate * y with a per-frame gate (gated_residual.py)
     rms_norm              RMSNorm over the full width with a learned weight (rms_norm.py)
 
+Pure-PyTorch pieces the kernels' references share with the engine (no Triton needed): ``rope`` (3-axis
+RoPE angles and rotation in float64) and ``patches`` (token <-> latent layout of the DiT's patches).
+This package imports nothing from ``lipforcing.engine``: the engine builds on it, never the reverse.
+
 Every kernel module holds a private ``_<op>_fwd_kernel``, a validating launcher ``<op>`` and a plain
 PyTorch reference ``<op>_ref``. Kernel modules import Triton at the top; this package and ``ops`` do not,
 so ``import lipforcing.kernels`` works without Triton. Check ``triton_available()`` before choosing the

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lipforcing.kernels.ops import infer_patch_hw
+from lipforcing.kernels.patches import infer_patch_hw, unpatchify
 
 _BLOCK = 1024
 
@@ -162,8 +162,6 @@ def flow_update(
 
 def unpatchify_ref(v_tok: torch.Tensor, shape: tuple[int, ...], patch_hw: tuple[int, int]) -> torch.Tensor:
     """[B, L, ph*pw*C] tokens -> [B, C, F, H, W] (SPEC §4.7), same dtype."""
-    from ..engine.model import unpatchify
-
     b, c, f, h, w = shape
     ph, pw = patch_hw
     return unpatchify(v_tok.reshape(b, f, -1, v_tok.shape[-1]), (h // ph, w // pw), c, (ph, pw))

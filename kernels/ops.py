@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from .patches import infer_patch_hw
+
 _NO_DEVICE_MESSAGE = (
     "lipforcing.kernels: the Triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1, "
     "for tests); got CPU tensors. Use the PyTorch reference backend on CPU."
@@ -106,35 +108,6 @@ def attention(
 
 
 # --- flow update -------------------------------------------------------------------------------------
-
-
-def infer_patch_hw(v_tok: torch.Tensor, x_t: torch.Tensor) -> tuple[int, int]:
-    """(ph, pw) such that v_tok [B, L, ph*pw*C] tiles x_t [B, C, F, H, W]; raises if none or ambiguous."""
-    if x_t.dim() != 5 or v_tok.dim() != 3:
-        raise ValueError(
-            f"expected v_tok [B, L, P] and x_t [B, C, F, H, W], got {tuple(v_tok.shape)}, {tuple(x_t.shape)}"
-        )
-    _, c, f, h, w = x_t.shape
-    _, l, p = v_tok.shape
-    if p % c:
-        raise ValueError(f"v_tok has {p} values per token, not a multiple of the {c} latent channels")
-    area = p // c
-    fits = [
-        (ph, area // ph)
-        for ph in range(1, area + 1)
-        if area % ph == 0 and h % ph == 0 and w % (area // ph) == 0 and f * (h // ph) * (w // (area // ph)) == l
-    ]
-    if not fits:
-        raise ValueError(
-            f"v_tok {tuple(v_tok.shape)} cannot be unpatchified onto x_t {tuple(x_t.shape)}: no patch (ph, pw) "
-            f"with ph*pw = {area} gives {l} tokens"
-        )
-    if len(fits) > 1:
-        square = [fit for fit in fits if fit[0] == fit[1]]
-        if len(square) != 1:
-            raise ValueError(f"patch size is ambiguous for v_tok {tuple(v_tok.shape)}: {fits}; pass patch_hw")
-        return square[0]
-    return fits[0]
 
 
 @torch.library.custom_op("lipforcing::flow_x0", mutates_args=())

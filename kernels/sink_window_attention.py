@@ -19,11 +19,13 @@ Online softmax in fp32 (exp2 with the scale folded in), one pass over the cache 
 keys. On the GPU cos/sin use the hardware approximations after an explicit reduction to [-pi, pi]
 (absolute error ~1e-6, far below bf16 rounding); the interpreter uses numpy's.
 
-The autotuner benchmarks on the first call of each (Lq, Lc, D): warm up before capturing a CUDA graph.
+The autotuner benchmarks on the first call of each (Lq, Lc, D) and keeps the result in Triton's cache folder
+(the engine points TRITON_CACHE_DIR at its user cache): warm up before capturing a CUDA graph.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -32,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from lipforcing.engine.rope import apply_rope, rope_angles
+from lipforcing.kernels.rope import apply_rope, rope_angles
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -244,10 +246,17 @@ def _configs_for_head_dim(configs, named_args, **kwargs):
     ]
 
 
+def _persistent_autotune() -> dict:
+    """Keep autotuning results on disk (Triton's cache folder, TRITON_CACHE_DIR) so that later processes
+    skip the benchmark; Triton releases before ``cache_results`` existed tune again in every process."""
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 _sink_window_attention_fwd_tuned = triton.autotune(
     configs=_gpu_configs(),
     key=["LQ", "LC", "HEAD_DIM", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _configs_for_head_dim},
+    **_persistent_autotune(),
 )(_sink_window_attention_fwd_kernel)
 
 # The interpreter runs every program in Python: small tiles keep CPU tests fast and exercise masking.

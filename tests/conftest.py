@@ -1,4 +1,5 @@
-"""Shared test fixtures: the location of the shared test data and the dtype tolerance table."""
+"""Shared test fixtures: the location of the shared test data and the dtype tolerance table. (The relative
+error of parity checks is the project's own, ``lipforcing.engine.numerics.rel_error``.)"""
 
 from __future__ import annotations
 
@@ -19,11 +20,6 @@ SHARED = Path(os.environ.get("LIPFORCING_SHARED", REPO_ROOT.parent / "shared"))
 # Relative-error tolerances keyed by dtype. fp32 arithmetic on the tested sizes lands near 1e-6;
 # fp16 keeps 11 mantissa bits (~5e-4 per op); bf16 keeps 8 (~4e-3 per op). Bounds leave ~10x headroom.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,79 @@
+"""``lipforcing bench``: registered in the command line's registry (``engine.app.cli.command``).
+
+    lipforcing bench [--model 1.3b] [--variants reference,+streams] [--out R.json] [--compare BASE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..engine.app.cli import command
+from ..engine.errors import ConfigError
+from .report import comparable, compare
+from .session import ABLATION, COMPILED, BenchConfig, device_identity, dump, format_report, run_bench
+
+
+@command("bench", "measure the session end to end (FPS, time to first frame, stages) with the ablation")
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="tiny, 1.3b or 14b (default: 1.3b on CUDA, tiny on CPU)")
+    p.add_argument("--ckpt", default=None, help="real student weights instead of random ones")
+    p.add_argument("--frame-size", default="720x1280", help="source frames HxW (the face is a third of the height)")
+    p.add_argument("--chunks", type=int, default=None, help="timed chunks (default 20 on CUDA, 2 on CPU)")
+    p.add_argument("--variants", default=",".join(ABLATION),
+                   help=f"any of {', '.join([*ABLATION, *COMPILED])} (comma-separated)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--encoder", default=None, choices=["wan", "taehv"], help="default wan on CUDA, taehv on CPU")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--compare", default=None, help="baseline JSON report (same device and model) to gate against")
+    p.add_argument("--max-regression", type=float, default=5.0, help="allowed FPS drop in percent")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but CUDA is not available")
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = set(variants) - {*ABLATION, *COMPILED}
+    if unknown or not variants:
+        raise ConfigError(f"--variants takes {', '.join([*ABLATION, *COMPILED])}, got {args.variants!r}")
+    try:
+        h, w = (int(v) for v in args.frame_size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--frame-size must be HxW, got {args.frame_size!r}") from None
+    chunks = args.chunks if args.chunks is not None else (20 if cuda else 2)
+    if chunks < 1:
+        raise ConfigError("--chunks must be at least 1")
+    cfg = BenchConfig(
+        model=args.model or ("1.3b" if cuda else "tiny"), ckpt=args.ckpt, device="cuda" if cuda else "cpu",
+        dtype=args.dtype, encoder=args.encoder or ("wan" if cuda else "taehv"), frame_hw=(h, w), chunks=chunks,
+        variants=variants, progress=not args.quiet,
+    )
+    baseline = None
+    if args.compare:
+        try:
+            baseline = json.loads(Path(args.compare).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{args.compare}: cannot read the baseline report ({exc})") from None
+        comparable({"device": device_identity(cfg.device), "config": {"model": cfg.model}}, baseline)
+    report = run_bench(cfg)
+    print(format_report(report))
+    status = 0
+    if baseline is not None:
+        failures, notes = compare(report, baseline, args.max_regression)
+        for line in notes:
+            print(f"compare: {line}")
+        for line in failures:
+            print(f"compare: FAIL {line}")
+        status = 1 if failures else 0
+        report["compare"] = {"baseline": args.compare, "failures": failures, "notes": notes}
+    if args.out:
+        dump(report, args.out)
+    print(json.dumps(report))
+    return status

@@ -1,0 +1,339 @@
+"""``lipforcing bench``: the session users run, measured end to end, with an ablation of the fast path.
+
+    lipforcing bench --model 1.3b --chunks 20 --out results.json
+    lipforcing bench --model tiny --compare baseline.json --max-regression 5     # a CI gate
+
+Every variant drives the same ``LipSync`` session API as ``lipforcing run``: synthetic 25 fps frames (a
+face photograph with a slight head motion, placed in a larger frame) go through face alignment, warping,
+both encoder streams, the student's calls, decoding and paste-back, and come back as finished frames.
+Inputs are random where they are not frames (text, speech-like audio features come from the engine's
+audio encoder on synthesized speech); the weights are random at the model's real shapes, or real with
+``--ckpt``. The networks are loaded once and shared by every variant.
+
+The ablation adds one piece of the fast path at a time (the last one is what ``lipforcing run`` runs):
+
+    reference   the plain path: eager reference loop, PyTorch attention, stages in turn, PyTorch decoder
+    +kernels    the Triton kernels (attention with fused RoPE, norms, modulation) in the same loop
+    +graphs     the static scheduler: static buffers, one CUDA graph per window shape
+    +streams    the chunk pipeline: encode | student | decode on device streams, worker threads
+    +decoder    the TAEHV decoder on TensorRT (onnxruntime where TensorRT cannot run)
+
+A piece that cannot run here (no CUDA, no Triton, no backend decoder) is named in the variant's ``skipped``
+field; the variant is then measured without it when that still changes the path, else left out. What
+every figure means is written into the JSON (``fields``, see ``bench/report.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.app.demo import moving_frames, portrait, synth_speech
+from ..engine.app.engine import Engine, Networks, RunConfig, load_networks
+from ..engine.dit.build import random_student
+from ..engine.dit.config import ModelConfig
+from ..engine.errors import ConfigError
+from ..engine.media.length import OUTPUT_FPS
+from ..engine.tools.info import model_info
+from .report import FIELDS, SCHEMA
+
+log = logging.getLogger("lipforcing")
+
+ABLATION: dict[str, dict] = {
+    "reference": dict(scheduler="reference", pipeline="sequential", backend="reference", decoder_backend="torch"),
+    "+kernels": dict(scheduler="reference", pipeline="sequential", backend="triton", decoder_backend="torch"),
+    "+graphs": dict(scheduler="static", pipeline="sequential", backend="triton", decoder_backend="torch"),
+    "+streams": dict(scheduler="static", pipeline="streams", backend="triton", decoder_backend="torch"),
+    "+decoder": dict(scheduler="static", pipeline="streams", backend="triton", decoder_backend="best"),
+}
+COMPILED = {"+compile": dict(scheduler="static", pipeline="streams", backend="triton", decoder_backend="best",
+                             compile=True)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    model: str = "tiny"
+    ckpt: str | None = None
+    device: str = "cuda"
+    dtype: str = "bf16"
+    encoder: str = "wan"
+    decoder: str = "taehv"
+    frame_hw: tuple[int, int] = (720, 1280)
+    """Source frame size; the face occupies about a third of its height."""
+    chunks: int = 8
+    """Timed steady-state chunks (after chunks 0 and 1, which are shorter and cheaper)."""
+    variants: tuple[str, ...] = tuple(ABLATION)
+    progress: bool = True
+
+
+def _best_decoder_backend(device: torch.device) -> tuple[str | None, str | None]:
+    """(backend, why not) of the fastest compiled TAEHV decoder that can run here."""
+    from ..compile.decoder import _onnxruntime_status
+    from ..compile.tensorrt_engine import tensorrt_status
+
+    ok, why_trt = tensorrt_status()
+    if ok and device.type == "cuda":
+        return "tensorrt", None
+    ok, why_ort = _onnxruntime_status()
+    if ok:
+        return "onnxruntime", f"TensorRT: {why_trt}"
+    return None, f"TensorRT: {why_trt}; onnxruntime: {why_ort}"
+
+
+def variant_config(name: str, base: RunConfig, device: torch.device) -> tuple[RunConfig | None, list[str]]:
+    """The RunConfig of an ablation variant, and what it had to leave out here (None: nothing left to run)."""
+    from ..engine.dit.attention import resolve_backend
+
+    changes = dict({**ABLATION, **COMPILED}[name])
+    skipped = []
+    if changes.get("backend") == "triton":
+        try:
+            if device.type != "cuda":
+                raise ConfigError("they run on CUDA (the Triton interpreter on a CPU is for tests)")
+            resolve_backend("triton", device)
+        except ConfigError as exc:
+            skipped.append(f"Triton kernels: {exc}")
+            changes["backend"] = "reference"
+    if changes["scheduler"] == "static" and device.type != "cuda":
+        skipped.append("CUDA graphs: no CUDA device (the static scheduler runs without them)")
+    if changes.get("decoder_backend") == "best":
+        backend, why = _best_decoder_backend(device)
+        if backend is None:
+            skipped.append(f"backend decoder: {why}")
+        changes["decoder_backend"] = backend or "torch"
+        if why and backend:
+            skipped.append(f"{why} (onnxruntime instead)")
+    return replace(base, **changes), skipped
+
+
+def build_networks(cfg: BenchConfig) -> Networks:
+    """The tiny model's networks, or random weights at a real preset's shapes (no download), shared by
+    every variant."""
+    if cfg.model == "tiny" and not cfg.ckpt:
+        return load_networks(RunConfig(model="tiny", device=cfg.device, dtype="fp32", encoder=cfg.encoder,
+                                       decoder=cfg.decoder))
+    from ..engine.codecs.taehv import TAEHV, TAEHVConfig
+    from ..engine.codecs.wan_vae import WanVAE, WanVAEConfig
+    from ..engine.numerics import parse_dtype
+
+    dtype = parse_dtype(cfg.dtype)
+    if cfg.ckpt:
+        from ..engine.dit.checkpoint import load_student
+
+        student = load_student(cfg.ckpt, device=cfg.device, dtype=dtype)
+    else:
+        student = random_student(ModelConfig.from_name(cfg.model), device=cfg.device, dtype=dtype)
+    with torch.device(cfg.device):
+        vae = WanVAE(WanVAEConfig()).to(dtype).eval() if cfg.encoder == "wan" or cfg.decoder == "wan" else None
+        taehv = TAEHV(TAEHVConfig()).to(dtype).eval()
+    text = torch.randn(1, student.cfg.text_len, student.cfg.text_dim, generator=torch.Generator().manual_seed(0))
+    audio = _RandomAudioFeatures(student.cfg.audio_dim, torch.device(cfg.device))
+    return Networks(student, vae, taehv, audio, text)
+
+
+class _RandomAudioFeatures:
+    """Random per-frame features of a real model's width (wav2vec2-base is not downloaded for benchmarks)."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.dim, self.device = dim, device
+
+    def __call__(self, speech: np.ndarray, n_frames: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(n_frames, self.dim, generator=g).to(self.device)
+
+    def release(self) -> None:
+        pass
+
+
+def synthetic_clip(frame_hw: tuple[int, int], chunks: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """(frames, speech): a face photograph with a slight head motion inside frames of ``frame_hw``, and
+    synthesized speech of the matching length (chunks x 12 - 3 frames)."""
+    import cv2
+
+    n = 12 * chunks - 3
+    face = portrait()
+    h, w = frame_hw
+    scale = 0.8 * h / face.shape[0]
+    small = cv2.resize(face, (max(2, int(face.shape[1] * scale)), max(2, int(face.shape[0] * scale))))
+    canvas = np.full((h, w, 3), 60, np.uint8)
+    y0, x0 = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
+    canvas[y0 : y0 + small.shape[0], x0 : x0 + small.shape[1]] = small
+    speech = synth_speech((n + 1) / OUTPUT_FPS)
+    return moving_frames(canvas, n), speech
+
+
+def _run_session(engine: Engine, frames: list[np.ndarray], speech: np.ndarray) -> dict:
+    """One clip through a session, frames pushed as fast as the session takes them."""
+    session = engine.session(speech, timing=True)
+    began = time.perf_counter()
+    received = 0
+    for frame in frames:
+        received += len(session.push(frame))
+    received += len(session.close())
+    ended = time.perf_counter()
+    summary = session.summary()
+    summary.update(began=began, ended=ended, received=received, chunk_done=list(session.chunk_done),
+                   stage_samples={k: list(v) for k, v in session.timer.samples.items()})
+    return summary
+
+
+def _measure(engine: Engine, frames, speech) -> dict:
+    device = engine.device
+    warm = engine.warm_up()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    run = _run_session(engine, frames, speech)
+    if run["chunks"] != len(run["chunk_done"]):
+        raise ConfigError(f"the face of the synthetic frames was not found in every chunk ({run['chunks']} of "
+                          f"{len(run['chunk_done'])}): use a larger --frame-size")
+    done = run["chunk_done"]  # perf_counter when each chunk's frames were handed out
+    steady_frames = 12 * (len(done) - 2)
+    steady_s = done[-1] - done[1]
+    stage_ms = {k: round(1e3 * statistics.median(v), 3) for k, v in engine_timer_samples(run).items()}
+    info = model_info(engine.networks.student.cfg, engine.stream, encoder=engine.config.encoder,
+                      decoder=engine.config.decoder)
+    student_ms = stage_ms.get("student")
+    result = {
+        "fps": round(steady_frames / steady_s, 3),
+        "fps_end_to_end": round(run["frames"] / (run["ended"] - run["began"]), 3),
+        "ttff_ms": round(1e3 * (done[0] - run["began"]), 3),
+        "chunk_ms": round(1e3 * steady_s / (len(done) - 2), 3),
+        "stage_ms": stage_ms,
+        "frames": run["frames"],
+        "chunks": len(done),
+        "warm_up_s": round(warm, 3),
+        "achieved_tflops": round(info.flops_per_chunk_steady / (student_ms / 1e3) / 1e12, 3) if student_ms else None,
+        "path": engine.path,
+    }
+    if device.type == "cuda":
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def engine_timer_samples(run: dict) -> dict[str, list[float]]:
+    """Per-chunk stage samples of a run, without the first two chunks (shorter window shapes)."""
+    per_clip = {"audio features"}
+    return {k: (v[2:] if len(v) > 2 else v) for k, v in run["stage_samples"].items() if v and k not in per_clip}
+
+
+def device_identity(device: torch.device | str) -> dict:
+    """{"type", "name"} of the device a report was measured on (what ``--compare`` checks)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
+    return {"type": device.type, "name": platform.processor() or platform.machine()}
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _telemetry() -> dict:
+    try:
+        import pynvml
+    except ImportError:
+        return {"nvml": "nvidia-ml-py not installed"}
+    try:
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        util = pynvml.nvmlDeviceGetUtilizationRates(h)
+        return {
+            "name": pynvml.nvmlDeviceGetName(h),
+            "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
+            "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
+            "temperature_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU),
+            "gpu_utilization_pct": util.gpu,
+            "memory_utilization_pct": util.memory,
+            "driver": pynvml.nvmlSystemGetDriverVersion(),
+        }
+    except Exception as exc:  # telemetry is informative; a failure must not lose the measurement
+        return {"nvml": f"unavailable: {exc}"}
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Measure every variant of ``cfg`` in this process; returns the report (schema ``SCHEMA``)."""
+    from tqdm import tqdm
+
+    device = torch.device(cfg.device)
+    networks = build_networks(cfg)
+    base = RunConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, encoder=cfg.encoder, decoder=cfg.decoder)
+    frames, speech = synthetic_clip(cfg.frame_hw, cfg.chunks + 2)
+    results, seen_paths = {}, []
+    with tqdm(total=len(cfg.variants), unit="variant", desc="bench", disable=not cfg.progress) as bar:
+        for name in cfg.variants:
+            run_cfg, skipped = variant_config(name, base, device)
+            engine = Engine(run_cfg, networks)
+            if engine.path in seen_paths:
+                same = next(k for k, v in results.items() if v.get("path") == engine.path)
+                results[name] = {"skipped": skipped, "same_path_as": same}
+            else:
+                seen_paths.append(engine.path)
+                results[name] = {**_measure(engine, frames, speech), "skipped": skipped}
+            del engine
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            bar.update(1)
+    measured = {k: v for k, v in results.items() if "fps" in v}
+    if "reference" in measured:
+        for res in measured.values():
+            res["speedup_vs_reference"] = round(res["fps"] / measured["reference"]["fps"], 3)
+    cuda = device.type == "cuda"
+    return {
+        "schema": SCHEMA,
+        "fields": FIELDS,
+        "device": {
+            **device_identity(device),
+            "note": None if cuda else "CPU figures: no CUDA device",
+            "telemetry": _telemetry() if cuda else None,
+            "torch": torch.__version__,
+        },
+        "config": {**asdict(cfg), "frame_hw": list(cfg.frame_hw), "variants": list(cfg.variants),
+                   "commit": _commit()},
+        "results": results,
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = [f"device: {report['device']['name']} ({report['device']['type']})"]
+    if report["device"]["note"]:
+        lines.append(f"note: {report['device']['note']}")
+    for name, res in report["results"].items():
+        if "fps" not in res:
+            lines.append(f"{name:>10}: same path as {res['same_path_as']} here ({'; '.join(res['skipped'])})")
+            continue
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in res["stage_ms"].items())
+        speed = f", x{res['speedup_vs_reference']:.2f} vs reference" if "speedup_vs_reference" in res else ""
+        lines.append(f"{name:>10}: {res['fps']:.2f} FPS, TTFF {res['ttff_ms']:.0f} ms, stages (ms per chunk) "
+                     f"{stages}{speed}")
+        for why in res["skipped"]:
+            lines.append(f"{'':>12}without {why}")
+    return "\n".join(lines)
+
+
+def dump(report: dict, path: str | Path) -> None:
+    tmp = Path(path).with_name(f".{Path(path).name}.partial")
+    tmp.write_text(json.dumps(report, indent=2, default=_json_default))
+    tmp.replace(path)
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serializable: {type(value)}")

@@ -1,0 +1,12 @@
+"""The application layer: what users run and embed.
+
+    engine.py   RunConfig, Weights, load_networks, Engine (the fast path, or the reference path)
+    session.py  LipSync: frames + speech in, lip-synced frames out (worker threads, device streams)
+    run.py      run_video: a file in, an MP4 out (``lipforcing run``)
+    demo.py     the demo input built locally (``lipforcing demo``)
+    tiny.py     random-weight networks of the ``tiny`` model
+    cli.py      the command registry and the engine's commands
+
+Imports: everything below it (dit, runtime, codecs, media, tools) and ``lipforcing.compile``.
+``lipforcing.bench`` builds on this package, never the reverse.
+"""

@@ -1,0 +1,338 @@
+"""The ``lipforcing`` command line: the registry of subcommands and the engine's own commands.
+
+    lipforcing check-reference GOLDEN.safetensors... [--device cpu|cuda] [--backend reference|triton]
+    lipforcing info --model 1.3b|14b [--height 512 --width 512] [--memory] [--json]
+    lipforcing convert IN.pth OUT.safetensors
+    lipforcing run VIDEO [--audio AUDIO] -o OUT.mp4 [--model 14b --ckpt ... --vae ... --taehv ...] [--report R.json]
+    lipforcing demo [-o demo.mp4]
+    lipforcing compile [--taehv taew2_1.pth] [-o DIR]
+
+Other packages add their commands with ``@command`` (``lipforcing bench`` lives in ``lipforcing.bench``);
+the ``lipforcing`` program (``lipforcing/cli.py``) gathers them and calls ``main``.
+
+User errors (bad files, missing weights, bad options) print one ``error:`` line and exit with status 2.
+Ctrl-C and SIGTERM stop a run the same way (exit 130 and 143): what was finished is kept.
+Native libraries' log lines (MediaPipe, TensorFlow Lite, onnxruntime) are silenced unless ``-v`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from ..errors import ConfigError, LipforcingError
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+def command(name: str, help: str):
+    """Register a subcommand; the decorated function adds its arguments and sets ``run(args) -> int``."""
+
+    def register(add_arguments):
+        COMMANDS[name] = (help, add_arguments)
+        return add_arguments
+
+    return register
+
+
+@command("check-reference", "run the engine on golden files and report relative errors")
+def _check_reference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", help="golden .safetensors files (lipforcing-golden/1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--backend", default="reference", choices=["reference", "triton"])
+    p.set_defaults(run=_check_reference)
+
+
+def _check_reference(args: argparse.Namespace) -> int:
+    from ..tools.golden import PASS_BOUND, check_golden
+
+    worst = 0.0
+    header = ("file", "first_call_flow", "x0_step0", "(worst chunk)", "x0", "(worst chunk)")
+    print("{:<28} {:>16} {:>10} {:>13} {:>10} {:>13}".format(*header))
+    for path in args.files:
+        r = check_golden(path, device=args.device, backend=args.backend)
+        e = r.errors
+        print(
+            f"{r.path.name:<28} {e['first_call_flow']:>16.2e} {e['x0_step0']:>10.2e} {e['x0_step0/worst_chunk']:>13.2e}"
+            f" {e['x0']:>10.2e} {e['x0/worst_chunk']:>13.2e}  {'ok' if r.ok else 'FAIL'}"
+        )
+        worst = max(worst, *e.values())
+    verdict = "pass" if worst <= PASS_BOUND else "FAIL"
+    where = f"{args.device}, backend {args.backend}"
+    print(f"worst relative error {worst:.2e} (bound {PASS_BOUND:.0e}, {where}): {verdict}")
+    return 0 if worst <= PASS_BOUND else 1
+
+
+@command("info", "parameters, FLOPs, compute floors and the memory plan of a model at a resolution")
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="1.3b", help="tiny, 1.3b or 14b")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--encoder", default="wan", choices=["wan", "taehv"])
+    p.add_argument("--decoder", default="taehv", choices=["taehv", "wan"])
+    p.add_argument("--peak-tflops", type=float, default=None, help="matrix rate used for the compute floor")
+    p.add_argument("--memory", action="store_true", help="the device-memory plan, item by item")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.set_defaults(run=_info)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ..numerics import parse_dtype
+
+    cfg = _model_config(args.model)
+    stream = _stream_config(args.height, args.width)
+    dtype = parse_dtype(args.dtype)
+    if args.memory:
+        from ..tools.memory import format_plan, memory_plan
+
+        plan = memory_plan(cfg, stream, dtype=dtype, encoder=args.encoder, decoder=args.decoder)
+        print(json.dumps(plan) if args.json else format_plan(args.model, plan))
+        return 0
+    from ..tools.info import DEFAULT_PEAK_TFLOPS, format_info, info_dict, model_info
+
+    info = model_info(cfg, stream, dtype_bytes=dtype.itemsize, peak_tflops=args.peak_tflops or DEFAULT_PEAK_TFLOPS,
+                      encoder=args.encoder, decoder=args.decoder)
+    print(json.dumps(info_dict(info)) if args.json else format_info(args.model, stream, info))
+    return 0
+
+
+@command("convert", "convert a checkpoint (.pth / .safetensors / sharded) to one .safetensors file")
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep")
+    p.set_defaults(run=_convert)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ..dit.checkpoint import convert_checkpoint
+    from ..numerics import parse_dtype
+
+    dtype = None if args.dtype == "keep" else parse_dtype(args.dtype)
+    n = convert_checkpoint(args.src, args.dst, dtype=dtype)
+    print(f"wrote {n} tensors to {args.dst}")
+    return 0
+
+
+def add_engine_options(p: argparse.ArgumentParser, *, model_default: str = "14b") -> None:
+    """The options of an engine (``RunConfig`` and ``Weights``), shared by run and bench."""
+    w = p.add_argument_group("weights (not needed for --model tiny)")
+    w.add_argument("--ckpt", help="student checkpoint (.pth / .safetensors / sharded)")
+    w.add_argument("--vae", help="Wan 2.1 VAE (Wan2.1_VAE.pth)")
+    w.add_argument("--taehv", help="TAEHV for Wan 2.1 (taew2_1.pth)")
+    w.add_argument("--wav2vec", help="directory with wav2vec2-base-960h (config.json + weights)")
+    w.add_argument("--text-embeds", help="[1, 512, 4096] text embeddings (text_emb.pt)")
+    p.add_argument("--model", default=model_default, choices=["tiny", "1.3b", "14b"])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--encoder", default="wan", choices=["wan", "taehv"])
+    p.add_argument("--encoder-group-frames", type=int, default=4,
+                   help="encode in groups of this many frames (default 4, the released procedure; 0: whole chunks)")
+    p.add_argument("--decoder", default="taehv", choices=["taehv", "wan"])
+    p.add_argument("--decoder-group-latents", type=int, default=1,
+                   help="decode this many latents at a time (default 1, the released procedure; 0: whole chunks)")
+    p.add_argument("--backend", default=None, choices=["reference", "triton"], help="student kernels")
+    p.add_argument("--scheduler", default="static", choices=["static", "reference"],
+                   help="static buffers + CUDA graphs (default) or the plain reference loop")
+    p.add_argument("--pipeline", default=None, choices=["streams", "sequential"],
+                   help="device streams + worker threads (default on CUDA) or every stage in turn (default on CPU)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run the static scheduler eagerly on CUDA")
+    p.add_argument("--decoder-backend", default=None, choices=["auto", "tensorrt", "onnxruntime", "torch"],
+                   help="TAEHV decoder backend (default: auto on CUDA, torch on CPU)")
+    p.add_argument("--compiled", default=None, metavar="DIR", help="use what 'lipforcing compile' wrote to DIR")
+    p.add_argument("--compile", action="store_true", help="torch.compile each student call per window shape")
+    p.add_argument("--face-box", default=None, help="x,y,w,h: use the face whose centre lies in this box")
+    p.add_argument("--mask", default=None, help="mouth mask image (255 = keep) instead of the built-in one")
+    p.add_argument("--require-face", action="store_true", help="fail when no face is found anywhere")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_config(args: argparse.Namespace):
+    """``RunConfig`` and ``Weights`` from the options of ``add_engine_options``."""
+    from .engine import RunConfig, Weights
+
+    box = None
+    if args.face_box:
+        try:
+            box = tuple(float(v) for v in args.face_box.split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4 or box[2] <= 0 or box[3] <= 0:
+            raise ConfigError(f"--face-box must be x,y,w,h with positive w and h, got {args.face_box!r}")
+    cfg = RunConfig(
+        model=args.model, device=args.device or "", dtype=args.dtype, encoder=args.encoder,
+        encoder_group_frames=args.encoder_group_frames or None, decoder=args.decoder,
+        decoder_group_latents=args.decoder_group_latents or None, backend=args.backend,
+        scheduler=args.scheduler, pipeline=args.pipeline or "", cuda_graphs=False if args.no_cuda_graphs else None,
+        decoder_backend=args.decoder_backend, compiled=args.compiled, compile=args.compile, face_box=box,
+        mask=args.mask, require_face=args.require_face, seed=args.seed,
+    )
+    weights = Weights(ckpt=args.ckpt, vae=args.vae, taehv=args.taehv, wav2vec=args.wav2vec,
+                      text_embeds=args.text_embeds)
+    return cfg, weights
+
+
+@command("run", "lip-sync a talking-head video to speech and write an MP4")
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", help="input video (any common container/codec)")
+    p.add_argument("--audio", default=None, help="speech (wav/mp3/m4a/flac/...); default: the video's own audio")
+    p.add_argument("-o", "--output", required=True, help="output .mp4")
+    p.add_argument("--report", default=None, metavar="JSON", help="write the run summary (path, times) here")
+    p.add_argument("--timing", action="store_true", help="measure the time of every stage (in the summary)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_options(p)
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .engine import build_engine
+    from .run import format_summary, run_video
+
+    cfg, weights = engine_config(args)
+    summary = run_video(args.video, args.audio, args.output, build_engine(cfg, weights), progress=not args.quiet,
+                        timing=args.timing, report=args.report)
+    print(format_summary(summary))
+    return 0
+
+
+@command("demo", "run the whole pipeline on a locally built input (tiny model, no downloads)")
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", default="demo.mp4")
+    p.add_argument("--seconds", type=float, default=2.0, help="length of the generated input")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from .demo import make_demo_input
+    from .engine import RunConfig, build_engine
+    from .run import format_summary, run_video
+
+    out = Path(args.output)
+    # the tiny Wan VAE is slow on a CPU at 512x512; the tiny TAEHV encodes the same streams
+    engine = build_engine(RunConfig(model="tiny", device=args.device or "", dtype="fp32", encoder="taehv"))
+    with tempfile.TemporaryDirectory(prefix="lipforcing-demo-") as tmp:
+        source = make_demo_input(Path(tmp) / "input.mp4", seconds=args.seconds)
+        print(f"demo input: Grace Hopper portrait (matplotlib sample data) with synthesized speech, "
+              f"{args.seconds:.1f} s; tiny model with random weights on {engine.device}")
+        timing = out.with_suffix(".timing.json")
+        summary = run_video(source, None, out, engine, progress=not args.quiet, timing=True, report=timing)
+    print(format_summary(summary))
+    print(f"timing summary: {timing}")
+    return 0
+
+
+@command("compile", "export the TAEHV codec to ONNX, check it with onnxruntime, build TensorRT engines")
+def _compile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--taehv", default=None, help="taew2_1.pth (default: random weights at the real size)")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("-o", "--out", default="compiled", help="output directory")
+    p.add_argument("--no-tensorrt", action="store_true", help="only export and check the ONNX graphs")
+    p.set_defaults(run=_compile)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from ...compile.stage import compile_codecs
+    from ..codecs.taehv import TAEHV, load_taehv
+
+    if args.taehv:
+        taehv = load_taehv(args.taehv)
+    else:
+        print("no --taehv given: exporting a TAEHV with random weights (shapes and parity only)")
+        taehv = TAEHV()
+    try:
+        report = compile_codecs(taehv, args.out, height=args.height, width=args.width, tensorrt=not args.no_tensorrt)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for part in ("decoder", "encoder"):
+        r = report[part]
+        print(f"{part}: {r['onnx']} (onnxruntime vs PyTorch relative error {r['onnxruntime_rel_err']:.1e}); "
+              f"TensorRT: {r['tensorrt']}")
+    print(f"manifest: {report['manifest']} (use the folder with 'lipforcing run --compiled {args.out}')")
+    return 0
+
+
+def _model_config(name: str):
+    from ..dit.config import ModelConfig
+
+    try:
+        return ModelConfig.from_name(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _stream_config(height: int, width: int):
+    from ..dit.config import StreamConfig
+
+    try:
+        return StreamConfig.for_resolution(height, width)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipforcing", description="Real-time streaming lip synchronization.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, ``docker stop``): stops a run exactly like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _quiet_third_parties(verbose: bool) -> None:
+    """Keep the console to our own lines: native and library log chatter only with -v."""
+    if verbose:
+        return
+    os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe (glog)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow Lite
+    os.environ.setdefault("ORT_LOG_SEVERITY_LEVEL", "3")  # onnxruntime: errors only
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("transformers", "torch._dynamo", "torch._inductor", "onnxscript", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("lipforcing").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    _quiet_third_parties(args.verbose)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        return args.run(args)
+    except LipforcingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

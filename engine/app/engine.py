@@ -1,0 +1,346 @@
+"""The engine: every network of a model, loaded once, wired into the fast path (or the reference path).
+
+    engine = build_engine(RunConfig(model="14b", device="cuda"), Weights(ckpt=..., vae=..., taehv=..., ...))
+    engine.warm_up()                              # tune kernels, capture graphs (also done by the first session)
+    session = engine.session(speech_16k)          # LipSync: frames in, lip-synced frames out
+    engine.path                                   # exactly which path runs: scheduler, pipeline, graphs, ...
+
+The default path is the fast one: the static scheduler (CUDA graphs on CUDA, Triton kernels when
+available) inside the chunk pipeline (encode | student | decode on device streams, alignment and
+paste-back on worker threads), the TAEHV decoder on TensorRT when it can run. ``RunConfig`` switches each
+piece back to its plain reference (``scheduler="reference"``, ``pipeline="sequential"``,
+``backend="reference"``, ``decoder_backend="torch"``); tests hold the two paths equal.
+
+``load_networks`` and ``Engine`` are separate so that several engines (the benchmark's ablation) share one
+set of weights. An engine runs one session at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..codecs.latent import make_decoder, make_encoder
+from ..codecs.taehv import TAEHV
+from ..codecs.wan_vae import WanVAE
+from ..dit.config import ModelConfig, StreamConfig
+from ..dit.model import CausalWanStudent
+from ..errors import ConfigError, WeightsError
+from ..media.face import FACE_SIZE, FaceAligner
+from ..media.mask import latent_mask_channel, load_mask, mouth_mask01, pixel_mask, soft_mask
+from ..numerics import parse_dtype
+from ..runtime.pipeline import ChunkPipeline, DeviceStreams
+from ..runtime.sampler import StreamingSampler
+from ..runtime.static import StaticStudent
+from ..user_cache import persist_triton_autotuning
+
+log = logging.getLogger("lipforcing")
+
+WEIGHT_SOURCES = {
+    "ckpt": "the Lip Forcing student checkpoint (lipforcing_14b.pth, from the Lip Forcing release)",
+    "vae": "the Wan 2.1 VAE (Wan2.1_VAE.pth, from the Wan-AI/Wan2.1-T2V-1.3B or -14B release)",
+    "taehv": "the TAEHV decoder for Wan 2.1 (taew2_1.pth, from the madebyollin/taehv repository)",
+    "wav2vec": "a directory with facebook/wav2vec2-base-960h (config.json + model.safetensors)",
+    "text_embeds": "UMT5-XXL embeddings of 'a person talking' ([1, 512, 4096] tensor, text_emb.pt)",
+}
+SCHEDULERS = ("static", "reference")
+PIPELINES = ("streams", "sequential")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Options of an engine; the CLI flags map onto these one to one."""
+
+    model: str = "14b"
+    """Student preset: tiny (random weights, for demos and tests), 1.3b or 14b."""
+    device: str = ""
+    """Where the networks run (default: cuda when available, else cpu)."""
+    dtype: str = "bf16"
+    """Weight dtype of the student and codecs: bf16, fp16 or fp32 (the tiny model always runs in fp32)."""
+    encoder: str = "wan"
+    """Latent encoder: wan (as released) or taehv."""
+    encoder_group_frames: int | None = 4
+    """Encode in groups of this many frames (4: the released procedure, least memory); None: whole chunks."""
+    decoder: str = "taehv"
+    """Latent decoder: taehv (as released) or wan."""
+    decoder_group_latents: int | None = 1
+    """Decode this many latents at a time (1: the released procedure, least memory); None: whole chunks."""
+    decoder_backend: str | None = None
+    """TAEHV decoder backend: auto, tensorrt, onnxruntime or torch (default: auto on CUDA, torch on CPU)."""
+    compiled: str | None = None
+    """A folder written by ``lipforcing compile`` whose artefacts the decoder backend uses."""
+    scheduler: str = "static"
+    """static (static buffers, CUDA graphs on CUDA) or reference (the plain eager loop)."""
+    pipeline: str = ""
+    """streams (device streams and worker threads) or sequential (every stage in turn, in the caller);
+    default: streams on CUDA, sequential on a CPU (where the stages would compete for the same cores)."""
+    cuda_graphs: bool | None = None
+    """Replay the static scheduler's chunks from CUDA graphs (default: on CUDA)."""
+    backend: str | None = None
+    """Student kernels: reference or triton (default: triton on CUDA when available)."""
+    compile: bool = False
+    """torch.compile each of the student's calls once per window shape (static scheduler)."""
+    face_box: tuple[float, float, float, float] | None = None
+    """Choose the face whose centre lies in this (x, y, w, h) box instead of the largest face."""
+    mask: str | None = None
+    """A mouth mask image (255 = keep) instead of the built-in LatentSync-shaped mask."""
+    require_face: bool = False
+    """Fail instead of passing the video through when no face is found anywhere."""
+    detect_every: int = 5
+    """Run the face detector every k frames and track landmarks in between."""
+    seed: int = 0
+    """Seed of the sampler's noise (and of the tiny model's random weights)."""
+
+    def __post_init__(self) -> None:
+        if not self.device:
+            object.__setattr__(self, "device", _default_device())
+        if not self.pipeline:
+            object.__setattr__(self, "pipeline", "streams" if self.device.startswith("cuda") else "sequential")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {SCHEDULERS}")
+        if self.pipeline not in PIPELINES:
+            raise ConfigError(f"unknown pipeline {self.pipeline!r}; choose one of {PIPELINES}")
+        if self.compile and self.scheduler != "static":
+            raise ConfigError("--compile needs the static scheduler")
+        if self.cuda_graphs and (self.scheduler != "static" or not self.device.startswith("cuda")):
+            raise ConfigError("CUDA graphs need the static scheduler on a CUDA device")
+        parse_dtype(self.dtype)
+
+    @staticmethod
+    def reference(**changes) -> RunConfig:
+        """The plain reference path: eager loop, reference kernels, sequential stages, PyTorch decoder."""
+        base = dict(scheduler="reference", pipeline="sequential", backend="reference", decoder_backend="torch")
+        return RunConfig(**{**base, **changes})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Weights:
+    """Weight files of a real model (not needed for the tiny model)."""
+
+    ckpt: str | None = None
+    vae: str | None = None
+    taehv: str | None = None
+    wav2vec: str | None = None
+    text_embeds: str | None = None
+
+
+class AudioEncoder:
+    """The wav2vec2 feature extractor, loaded on first use and freed on ``release()`` (it runs once per clip,
+    so a single-clip run frees it before the first chunk)."""
+
+    def __init__(self, load, device: torch.device) -> None:
+        self._load, self._model, self.device = load, None, device
+
+    def __call__(self, speech: np.ndarray, n_frames: int) -> torch.Tensor:
+        """speech: float32 [S] 16 kHz mono -> features [n_frames, audio_dim] on the engine's device."""
+        if self._model is None:
+            self._model = self._load().to(self.device)
+        return self._model(speech, n_frames)
+
+    def release(self) -> None:
+        self._model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class Networks:
+    """The loaded networks of one model; engines built on them share the weights."""
+
+    student: CausalWanStudent
+    vae: WanVAE | None
+    taehv: TAEHV | None
+    audio: AudioEncoder
+    text_context: torch.Tensor  # [1, text_len, text_dim]
+
+
+def missing_weights(cfg: RunConfig, w: Weights) -> list[str]:
+    """Which weight files a real model still needs, as lines naming the flag and where to get the file."""
+    if cfg.model == "tiny":
+        return []
+    needed = {"ckpt", "wav2vec", "text_embeds"}
+    needed |= {"vae"} if "wan" in (cfg.encoder, cfg.decoder) else set()
+    needed |= {"taehv"} if "taehv" in (cfg.encoder, cfg.decoder) else set()
+    lines = []
+    for name in sorted(needed):
+        value = getattr(w, name)
+        if value is None or not Path(value).exists():
+            flag = "--" + name.replace("_", "-")
+            state = "not given" if value is None else f"{value} does not exist"
+            lines.append(f"{flag} ({state}): {WEIGHT_SOURCES[name]}")
+    return lines
+
+
+def load_networks(cfg: RunConfig, weights: Weights = Weights()) -> Networks:
+    """Load (or, for the tiny model, build with random weights) every network a run of ``cfg`` uses, each
+    straight into its dtype on its device."""
+    missing = missing_weights(cfg, weights)
+    if missing:
+        raise WeightsError(f"the {cfg.model} model needs these weight files:\n  " + "\n  ".join(missing))
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if cfg.model == "tiny":
+        from .tiny import tiny_networks, tiny_wav2vec2
+
+        student, vae, taehv, text = tiny_networks(device, seed=cfg.seed)
+        return Networks(student, vae, taehv, AudioEncoder(lambda: tiny_wav2vec2(cfg.seed), device), text)
+    from ..codecs.taehv import load_taehv
+    from ..codecs.wan_vae import load_wan_vae
+    from ..dit.checkpoint import load_student
+    from ..media.audio_features import Wav2Vec2Features
+
+    dtype = parse_dtype(cfg.dtype)
+    student = load_student(weights.ckpt, cfg=ModelConfig.from_name(cfg.model), device=device, dtype=dtype)
+    vae = load_wan_vae(weights.vae, device=device, dtype=dtype) if "wan" in (cfg.encoder, cfg.decoder) else None
+    taehv = load_taehv(weights.taehv, device=device, dtype=dtype) if "taehv" in (cfg.encoder, cfg.decoder) else None
+    _drop_unused_halves(cfg, vae, taehv)
+    audio = AudioEncoder(lambda: Wav2Vec2Features.from_dir(weights.wav2vec), device)
+    return Networks(student, vae, taehv, audio, load_text_embeds(weights.text_embeds, student.cfg))
+
+
+def _drop_unused_halves(cfg: RunConfig, vae: WanVAE | None, taehv: TAEHV | None) -> None:
+    """Free the encoder or decoder half of a codec the run does not use (the Wan decoder alone is 0.15 GB)."""
+    if vae is not None and cfg.decoder != "wan":
+        del vae.decoder, vae.conv2
+    if vae is not None and cfg.encoder != "wan":
+        del vae.encoder, vae.conv1
+    if taehv is not None and cfg.encoder != "taehv":
+        del taehv.encoder
+
+
+def load_text_embeds(path: str, cfg: ModelConfig) -> torch.Tensor:
+    """A [1, text_len, text_dim] tensor (or [text_len, text_dim], or a dict holding one) -> [1, L, D]."""
+    from ..dit.checkpoint import read_state_dict
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True) if not path.endswith(".safetensors") \
+            else read_state_dict(path)
+    except Exception as exc:  # a text-embedding file is small; any failure to read it is the user's file
+        raise WeightsError(f"{path}: cannot read the text embeddings ({exc})") from None
+    if isinstance(obj, dict):
+        tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) != 1:
+            raise WeightsError(f"{path}: expected one tensor in the dict, found {len(tensors)}")
+        obj = tensors[0]
+    if not isinstance(obj, torch.Tensor):
+        raise WeightsError(f"{path}: expected a tensor of text embeddings")
+    x = obj[None] if obj.dim() == 2 else obj
+    if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != cfg.text_dim:
+        raise WeightsError(f"{path}: text embeddings must be [1, text_len, {cfg.text_dim}], got {tuple(obj.shape)}")
+    return x.float()
+
+
+class Engine:
+    """Every part a session needs, built once from ``Networks`` and a ``RunConfig``."""
+
+    def __init__(self, config: RunConfig, networks: Networks) -> None:
+        self.config, self.networks = config, networks
+        self.device = device = torch.device(config.device)
+        persist_triton_autotuning()
+        self.stream = StreamConfig.for_resolution(FACE_SIZE, FACE_SIZE)
+        self.streams = DeviceStreams(device, enabled=config.pipeline == "streams")
+        if config.scheduler == "static":
+            self.student = StaticStudent(networks.student, self.stream, backend=config.backend, seed=config.seed,
+                                         cuda_graphs=config.cuda_graphs, compile=config.compile)
+        else:
+            self.student = StreamingSampler(networks.student, self.stream, backend=config.backend, seed=config.seed)
+        self.encoder = make_encoder(config.encoder, vae=networks.vae, taehv=networks.taehv,
+                                    group_frames=config.encoder_group_frames)
+        self.decoder = self._make_decoder()
+        keep = load_mask(config.mask) if config.mask else mouth_mask01()
+        self.keep_pixels = pixel_mask(keep, FACE_SIZE).to(device)  # [512, 512] {0, 1}: masked stream
+        self.soft_mask = soft_mask(keep, FACE_SIZE).to(device)  # [512, 512] paste-back blend
+        self.mask_latent = latent_mask_channel(keep, self.stream.latent_h, self.stream.latent_w).to(device)
+        self.pipeline = ChunkPipeline(self.student, self.encoder, self.decoder, self.keep_pixels, streams=self.streams)
+        self.aligner = FaceAligner(face_box=config.face_box, detect_every=config.detect_every,
+                                   warp="torch" if device.type == "cuda" else "cv2", device=device)
+        self.warmed_up = False
+        self.busy = False
+        log.info("lipforcing: engine %s", self.path)
+
+    def _make_decoder(self):
+        cfg, nets = self.config, self.networks
+        backend = cfg.decoder_backend or ("auto" if self.device.type == "cuda" else "torch")
+        if cfg.decoder != "taehv" or backend == "torch":
+            if cfg.decoder != "taehv" and backend not in ("torch", "auto"):
+                log.warning("lipforcing: decoder backend %s applies to TAEHV only; the Wan decoder runs in PyTorch",
+                            backend)
+            return make_decoder(cfg.decoder, vae=nets.vae, taehv=nets.taehv, group_latents=cfg.decoder_group_latents)
+        from ...compile.decoder import make_decoder_backend
+
+        return make_decoder_backend(nets.taehv, backend, latent_hw=(self.stream.latent_h, self.stream.latent_w),
+                                    device=self.device, compiled_dir=cfg.compiled, stream=self.streams.stream("decode"),
+                                    group_latents=cfg.decoder_group_latents)
+
+    @property
+    def path(self) -> dict:
+        """Exactly which path runs (the run report and the benchmark record it)."""
+        student = self.student
+        return {
+            "scheduler": self.config.scheduler,
+            "pipeline": self.config.pipeline,
+            "device_streams": self.streams.parallel,
+            "cuda_graphs": bool(getattr(student, "cuda_graphs", False)),
+            "attention": student.backend,
+            "compile": self.config.compile,
+            "encoder": self.config.encoder,
+            "decoder": self.config.decoder,
+            "decoder_backend": self.decoder.backend,
+            "device": str(self.device),
+            "model": self.config.model,
+            "dtype": "fp32" if self.config.model == "tiny" else self.config.dtype,
+        }
+
+    @property
+    def needs_warm_up(self) -> bool:
+        """Whether a warm-up has anything to do: kernels to tune, graphs to capture, calls to compile."""
+        return not self.warmed_up and (self.device.type == "cuda" or self.config.compile)
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """Tune the kernels and capture the graphs of every window shape on dummy data, and run the codecs once,
+        before the first real chunk. Returns the seconds spent (0 when there is nothing to prepare)."""
+        if not self.needs_warm_up:
+            self.warmed_up = True
+            return 0.0
+        import time
+
+        began = time.perf_counter()
+        self.student.warm_up(self.networks.text_context)
+        if self.device.type == "cuda" and self.config.scheduler == "static":
+            freed = self.networks.student.offload_text_weights()  # the text K/V are cached: 4.3 GB for 14B
+            log.info("lipforcing: text-only weights moved to host memory (%.2f GB)", freed / 1e9)
+        h, w = FACE_SIZE, FACE_SIZE
+        self.encoder.push(torch.zeros(2, 9, 3, h, w, device=self.device))
+        z = torch.zeros(1, 16, self.stream.chunk_frames, self.stream.latent_h, self.stream.latent_w, device=self.device)
+        self.decoder.push(z)
+        self.encoder.reset()
+        self.decoder.reset()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warmed_up = True
+        return time.perf_counter() - began
+
+    def session(self, speech: np.ndarray, *, sample_rate: int = 16000, timing: bool = False):
+        """A new ``LipSync`` session on this engine (one at a time)."""
+        from .session import LipSync
+
+        return LipSync(self, speech, sample_rate=sample_rate, timing=timing)
+
+    def release_audio_encoder(self) -> None:
+        """Free wav2vec2 (it is loaded again by the next session)."""
+        self.networks.audio.release()
+
+
+def build_engine(cfg: RunConfig, weights: Weights = Weights()) -> Engine:
+    """Load the networks of ``cfg`` and build its engine."""
+    return Engine(cfg, load_networks(cfg, weights))

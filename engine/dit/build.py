@@ -1,0 +1,40 @@
+"""Build the student straight in its target dtype on its device: on the meta device first, so no fp32 or
+host copy of the weights ever exists (28.6 GB for 14B in bf16 is all a GPU holds of it).
+
+    model = random_student(ModelConfig.from_name("14b"), device="cuda", dtype=torch.bfloat16, seed=0)
+    model = load_student("lipforcing_14b.pth", device="cuda", dtype=torch.bfloat16)   # (checkpoint.py)
+
+Random weights are for benchmarks, demos and tests: every parameter is drawn from N(0, std), norm
+weights from 1 + N(0, std), so every block, norm and modulation acts (a zero-initialised modulation would
+make a block an identity).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .model import CausalWanStudent
+
+_NORM_WEIGHTS = ("norm_q.weight", "norm_k.weight", "norm3.weight", "norm_out.weight")
+
+
+@torch.no_grad()
+def random_student(
+    cfg: ModelConfig,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    std: float = 0.02,
+) -> CausalWanStudent:
+    """A student with seeded random weights, materialized directly in ``dtype`` on ``device``; eval mode."""
+    with torch.device("meta"):
+        model = CausalWanStudent(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        p.normal_(0.0, std, generator=generator)
+        if name.endswith(_NORM_WEIGHTS):
+            p.add_(1.0)
+    return model.eval()

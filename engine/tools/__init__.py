@@ -1,0 +1,8 @@
+"""Tools that check and plan the engine without running a session.
+
+    golden.py   parity with the original network's golden files (``lipforcing check-reference``)
+    info.py     parameters, FLOPs (student and codecs) and compute floors (``lipforcing info``)
+    memory.py   the device-memory plan, measured on the meta device (``lipforcing info --memory``)
+
+Imports: the DiT core, the runtime and the codecs. The application layer's CLI calls them.
+"""

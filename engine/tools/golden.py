@@ -1,0 +1,118 @@
+"""Parity with golden reference files (``lipforcing-golden/1``, see the shared golden README).
+
+    report = check_golden(path, device="cpu", backend="reference")
+    report.ok, report.errors   # relative L2 errors of first_call_flow, x0_step0 and x0
+
+Each file carries a config, the weights (released key names), the inputs (conditioning latents and the
+injected noise) and the outputs of the original network's streaming path in float32.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..dit.checkpoint import load_into
+from ..dit.config import ModelConfig, StreamConfig
+from ..dit.model import CausalWanStudent
+from ..errors import LipforcingError
+from ..numerics import rel_error
+from ..runtime.sampler import StreamingSampler
+
+GOLDEN_FORMAT = "lipforcing-golden/1"
+PASS_BOUND = 1e-4
+
+
+@dataclass(frozen=True)
+class GoldenConfig:
+    """A model + stream config read from a golden file's ``config`` metadata."""
+
+    model: ModelConfig
+    stream: StreamConfig
+    num_latent_frames: int
+    extra: dict = field(default_factory=dict)
+
+    @staticmethod
+    def from_json(cfg: Mapping) -> GoldenConfig:
+        model = ModelConfig(
+            dim=cfg["dim"], ffn_dim=cfg["ffn_dim"], num_heads=cfg["num_heads"], num_layers=cfg["num_layers"],
+            in_dim=cfg.get("in_dim", 65), out_dim=cfg.get("out_dim", 16), text_dim=cfg.get("text_dim", 4096),
+            text_len=cfg.get("text_len", 512), freq_dim=cfg.get("freq_dim", 256), eps=cfg.get("eps", 1e-6),
+            audio_dim=cfg.get("audio_dim", 10752), audio_hidden=cfg.get("audio_hidden", 32),
+            patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
+            audio_blocks=tuple(cfg["audio_blocks"]) if "audio_blocks" in cfg else None,
+            rope_pairs_thw=tuple(cfg["rope_pairs_thw"]) if "rope_pairs_thw" in cfg else None,
+        )
+        stream = StreamConfig(
+            chunk_frames=cfg.get("chunk_frames", 3), sink_frames=cfg.get("sink_frames", 1),
+            window_frames=cfg.get("window_frames", 7), t_list=tuple(cfg.get("t_list", (0.999, 0.769))),
+            commit_t=cfg.get("commit_t", 0.0), dynamic_rope=cfg.get("dynamic_rope", True),
+            latent_h=cfg["latent_h"], latent_w=cfg["latent_w"],
+        )
+        return GoldenConfig(model=model, stream=stream, num_latent_frames=cfg["num_latent_frames"], extra=dict(cfg))
+
+
+@dataclass
+class GoldenReport:
+    path: Path
+    config: GoldenConfig
+    errors: dict[str, float] = field(default_factory=dict)
+    """Relative L2 error per quantity; ``<name>/worst_chunk`` is the worst chunk of a per-clip quantity."""
+
+    @property
+    def ok(self) -> bool:
+        return all(e <= PASS_BOUND for e in self.errors.values())
+
+
+def load_golden(path: str | Path) -> tuple[GoldenConfig, dict[str, torch.Tensor]]:
+    """Read a golden file: its config and all its tensors (float32, CPU)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LipforcingError(f"{path}: no such golden file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError) as exc:
+        raise LipforcingError(f"{path}: not a readable safetensors file ({exc})") from None
+    if meta.get("format") != GOLDEN_FORMAT:
+        raise LipforcingError(f"{path}: format {meta.get('format')!r}, expected {GOLDEN_FORMAT!r}")
+    return GoldenConfig.from_json(json.loads(meta["config"])), tensors
+
+
+def check_golden(
+    path: str | Path, *, device: str = "cpu", backend: str | None = "reference", dtype: torch.dtype = torch.float32
+) -> GoldenReport:
+    """Run the streaming sampler on a golden file's inputs and compare with its outputs."""
+    cfg, tensors = load_golden(path)
+    weights = {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
+    inp = {k.removeprefix("inputs/"): v for k, v in tensors.items() if k.startswith("inputs/")}
+    ref = {k.removeprefix("outputs/"): v for k, v in tensors.items() if k.startswith("outputs/")}
+
+    with torch.device("meta"):
+        model = CausalWanStudent(cfg.model)
+    load_into(model, weights, device=device, dtype=dtype, source=str(path))
+    model.eval()
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise LipforcingError("--device cuda was asked for but CUDA is not available")
+    batch = inp["noise"].shape[0]
+    sampler = StreamingSampler(model, cfg.stream, batch=batch, backend=backend, keep_intermediates=True)
+    sampler.start_clip(inp["text_context"], inp["audio_emb"], inp["ref_latent"], inp["mask_latent"])
+    chunks = sampler.run_clip(inp["masked_video"], inp["ref_sequence"], inp["noise"], [inp["renoise"]])
+
+    report = GoldenReport(path=Path(path), config=cfg)
+    report.errors["first_call_flow"] = rel_error(chunks[0].flows[0], ref["first_call_flow"])
+    c = cfg.stream.chunk_frames
+    for name, got in (("x0_step0", [ch.x0_steps[0] for ch in chunks]), ("x0", [ch.x0 for ch in chunks])):
+        report.errors[name] = rel_error(torch.cat(got, dim=2), ref[name])
+        report.errors[f"{name}/worst_chunk"] = max(
+            rel_error(g, ref[name][:, :, i * c : (i + 1) * c]) for i, g in enumerate(got)
+        )
+    return report

@@ -1,0 +1,52 @@
+"""The engine: its configuration, the weights check, text embeddings, and the path it reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lipforcing.engine.app.engine import RunConfig, Weights, load_text_embeds, missing_weights
+from lipforcing.engine.dit.config import ModelConfig
+from lipforcing.engine.errors import ConfigError, WeightsError
+
+CFG = ModelConfig.from_name("tiny")
+
+
+def test_text_embeds_accept_tensor_2d_and_dict(tmp_path):
+    emb = torch.randn(1, 16, 4096)
+    for name, obj in (("a.pt", emb), ("b.pt", emb[0]), ("c.pt", {"context": emb})):
+        torch.save(obj, tmp_path / name)
+        assert torch.equal(load_text_embeds(str(tmp_path / name), CFG), emb)
+    torch.save(torch.randn(1, 16, 512), tmp_path / "bad.pt")
+    with pytest.raises(WeightsError, match=r"\[1, text_len, 4096\]"):
+        load_text_embeds(str(tmp_path / "bad.pt"), CFG)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(WeightsError, match="cannot read"):
+        load_text_embeds(str(tmp_path / "junk.pt"), CFG)
+
+
+def test_missing_weights_depend_on_the_codecs(tmp_path):
+    assert missing_weights(RunConfig(model="tiny"), Weights()) == []
+    lines = missing_weights(RunConfig(model="14b", encoder="taehv", decoder="taehv"), Weights())
+    flags = {line.split()[0] for line in lines}
+    assert flags == {"--ckpt", "--taehv", "--wav2vec", "--text-embeds"}  # no Wan VAE needed
+    present = tmp_path / "x.pth"
+    present.write_bytes(b"")
+    lines = missing_weights(RunConfig(model="1.3b"), Weights(ckpt=str(present), vae=str(tmp_path / "nope")))
+    assert not any(line.startswith("--ckpt") for line in lines)
+    assert any(line.startswith("--vae") and "does not exist" in line for line in lines)
+
+
+def test_run_config_defaults_and_checks():
+    cfg = RunConfig(model="tiny", device="cpu")
+    assert (cfg.scheduler, cfg.pipeline, cfg.encoder_group_frames, cfg.decoder_group_latents) == \
+        ("static", "sequential", 4, 1)  # on a CPU the stages run in turn; on CUDA on device streams
+    assert RunConfig(model="tiny", device="cuda").pipeline == "streams"
+    ref = RunConfig.reference(model="tiny", device="cpu")
+    assert (ref.scheduler, ref.pipeline, ref.backend, ref.decoder_backend) == \
+        ("reference", "sequential", "reference", "torch")
+    for bad, match in ((dict(scheduler="fast"), "unknown scheduler"), (dict(pipeline="x"), "unknown pipeline"),
+                       (dict(compile=True, scheduler="reference"), "static scheduler"),
+                       (dict(cuda_graphs=True), "CUDA graphs"), (dict(dtype="int8"), "unknown dtype")):
+        with pytest.raises(ConfigError, match=match):
+            RunConfig(model="tiny", device="cpu", **bad)

@@ -1,0 +1,231 @@
+"""``lipforcing run`` / ``demo`` end to end with the tiny model (random weights) on real clips."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+
+pytest.importorskip("av")
+pytest.importorskip("mediapipe")
+pytest.importorskip("transformers")
+
+from lipforcing.cli import main  # noqa: E402
+from lipforcing.engine.app.engine import RunConfig, build_engine  # noqa: E402
+from lipforcing.engine.app.run import run_video  # noqa: E402
+from lipforcing.engine.media.face import FaceAligner  # noqa: E402
+from lipforcing.engine.media.io import VideoReader, load_audio, probe  # noqa: E402
+from lipforcing.engine.media.length import clip_length_from_samples  # noqa: E402
+from lipforcing.engine.media.paste_back import footprint_box  # noqa: E402
+
+TINY = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--encoder", "taehv", "--quiet"]
+
+
+def _write_wav(path, audio: np.ndarray, rate: int = 16000) -> None:
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def short_speech(shared_dir, tmp_path_factory):
+    """1.3 s of real speech (two chunks of output) to keep the CPU runs short."""
+    speech = load_audio(shared_dir / "assets/clips/speech1.wav")[: int(1.3 * 16000)]
+    path = tmp_path_factory.mktemp("audio") / "speech_1s3.wav"
+    _write_wav(path, speech)
+    return path, speech
+
+
+@pytest.mark.parametrize("clip", ["face1.mp4", "face2.mp4", "face3.mp4", "face4.mp4", "face5.mp4"])
+def test_run_on_real_clips(shared_dir, short_speech, tmp_path, clip):
+    src = shared_dir / "assets/clips" / clip
+    audio_path, speech = short_speech
+    out = tmp_path / "out.mp4"
+    assert main(["run", str(src), "--audio", str(audio_path), "-o", str(out), *TINY]) == 0
+    info, src_info = probe(out), probe(src)
+    n = clip_length_from_samples(speech.size).frames
+    assert info.has_audio and info.audio_codec == "aac"
+    assert info.video_codec == "h264" and info.fps == 25.0
+    assert (info.width, info.height) == (src_info.width - src_info.width % 2, src_info.height - src_info.height % 2)
+    out_frames = list(VideoReader(out))
+    assert len(out_frames) == n
+    assert abs(info.duration_s - n / 25) < 0.1
+    # pixels outside the pasted face region are unchanged (up to H.264 re-encoding)
+    aligner = FaceAligner()
+    src_frames = list(VideoReader(src, max_frames=n))
+    for i in (0, n // 2, n - 1):
+        face = aligner.align(src_frames[i])
+        assert face is not None
+        x0, y0, x1, y1 = footprint_box(face.inverse[None], src_frames[i].shape[:2])
+        keep = np.ones(out_frames[i].shape[:2], bool)
+        keep[y0:y1, x0:x1] = False
+        h, w = out_frames[i].shape[:2]
+        assert keep.mean() > 0.2
+        assert _psnr(out_frames[i][keep], src_frames[i][:h, :w][keep]) >= 40.0
+        inside = ~keep
+        assert _psnr(out_frames[i][inside], src_frames[i][:h, :w][inside]) < 40.0  # the mouth was repainted
+
+
+def test_run_with_the_videos_own_audio(shared_dir, tmp_path):
+    """No --audio: the clip's own track drives it and is muxed (a 1.3 s cut of a real clip, 30 fps source)."""
+    from lipforcing.engine.media.io import VideoWriter
+
+    full = shared_dir / "assets/clips/face4.mp4"
+    src = tmp_path / "cut.mp4"
+    info = probe(full)
+    with VideoWriter(src, info.width, info.height, audio=load_audio(full)[: int(1.3 * 16000)]) as w:
+        for frame in VideoReader(full, max_frames=33):
+            w.write(frame)
+    out = tmp_path / "own.mp4"
+    assert main(["run", str(src), "-o", str(out), *TINY]) == 0
+    n = clip_length_from_samples(load_audio(src).size).frames
+    assert probe(out).has_audio and len(list(VideoReader(out))) == n
+
+
+def test_demo_writes_mp4_and_timing(tmp_path, capsys):
+    out = tmp_path / "demo.mp4"
+    assert main(["demo", "-o", str(out), "--seconds", "1.0", "--quiet"]) == 0
+    info = probe(out)
+    assert info.has_video and info.has_audio and info.fps == 25.0
+    timing = json.loads(out.with_suffix(".timing.json").read_text())
+    assert timing["frames"] == 21 and timing["faces_found"] > 0
+    assert {"encode", "student", "decode", "paste-back"} <= set(timing["stage_seconds"])
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case,needle", [("missing", "does not exist"), ("garbage", "cannot read")])
+def test_bad_video_is_a_clear_error(tmp_path, capsys, case, needle):
+    src = tmp_path / f"{case}.mp4"
+    if case == "garbage":
+        src.write_bytes(b"\x00garbage" * 100)
+    out = tmp_path / "out.mp4"
+    assert main(["run", str(src), "-o", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and needle in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_audio_only_input_and_short_audio(shared_dir, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    speech = shared_dir / "assets/clips/speech1.wav"
+    assert main(["run", str(speech), "-o", str(out), *TINY]) == 2
+    assert "no video stream" in capsys.readouterr().err
+    short = tmp_path / "short.wav"
+    _write_wav(short, np.zeros(1600, np.float32) + 0.01)
+    assert main(["run", str(shared_dir / "assets/clips/face1.mp4"), "--audio", str(short), "-o", str(out),
+                 *TINY]) == 2
+    assert "too short" in capsys.readouterr().err
+    empty = tmp_path / "empty.wav"
+    _write_wav(empty, np.zeros(0, np.float32))
+    assert main(["run", str(shared_dir / "assets/clips/face1.mp4"), "--audio", str(empty), "-o", str(out),
+                 *TINY]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_no_face_passes_through_or_fails_with_require_face(tmp_path, capsys):
+    """A clip without a face: the cheap detection pass decides before any model work. The output is the input
+    with the speech (no chunk run), or, with --require-face, an error and no file."""
+    from lipforcing.engine.media.io import VideoWriter
+
+    src = tmp_path / "noface.mp4"
+    rng = np.random.default_rng(0)
+    speech = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+    with VideoWriter(src, 160, 120, audio=speech) as w:
+        for i in range(25):
+            w.write(np.full((120, 160, 3), 90 + i, np.uint8))
+    out, report = tmp_path / "out.mp4", tmp_path / "r.json"
+    assert main(["run", str(src), "-o", str(out), "--report", str(report), *TINY]) == 0
+    frames_in, frames_out = list(VideoReader(src)), list(VideoReader(out))
+    n = clip_length_from_samples(16000).frames
+    assert len(frames_out) == n
+    assert _psnr(frames_out[3], frames_in[3]) > 40
+    summary = json.loads(report.read_text())
+    assert summary["chunks"] == 0 and summary["frames_passed_through"] == n
+    out2 = tmp_path / "out2.mp4"
+    assert main(["run", str(src), "-o", str(out2), "--require-face", *TINY]) == 2
+    assert "no face" in capsys.readouterr().err and not out2.exists()
+    engine = build_engine(RunConfig(model="tiny", device="cpu", dtype="fp32", encoder="taehv", require_face=True))
+    engine.pipeline.submit = lambda *a, **k: pytest.fail("the model ran on a faceless clip")
+    with pytest.raises(Exception, match="no face"):
+        run_video(src, None, out2, engine, progress=False)
+
+
+def test_report_names_the_path_that_ran(shared_dir, short_speech, tmp_path, capsys):
+    audio_path, speech = short_speech
+    out, report = tmp_path / "out.mp4", tmp_path / "run.json"
+    args = ["run", str(shared_dir / "assets/clips/face5.mp4"), "--audio", str(audio_path), "-o", str(out),
+            "--report", str(report), "--timing", *TINY]
+    assert main(args) == 0
+    summary = json.loads(report.read_text())
+    n = clip_length_from_samples(speech.size).frames
+    assert summary["frames"] == n and summary["seconds"] > 0 and summary["fps"] > 0
+    assert summary["path"] == {
+        "scheduler": "static", "pipeline": "sequential", "device_streams": False, "cuda_graphs": False,
+        "attention": "reference", "compile": False, "encoder": "taehv", "decoder": "taehv",
+        "decoder_backend": "torch", "device": "cpu", "model": "tiny", "dtype": "fp32",
+    }
+    assert {"face alignment", "encode", "student", "decode", "paste-back"} <= set(summary["stage_seconds"])
+    assert set(summary["fields"]) >= {"fps", "path", "stage_seconds"}
+    assert "static scheduler" in capsys.readouterr().out
+    assert main([*args[:-len(TINY)], "--scheduler", "reference", "--pipeline", "sequential", *TINY]) == 0
+    assert json.loads(report.read_text())["path"]["scheduler"] == "reference"
+    untimed = tmp_path / "untimed.json"
+    assert main([a for a in args if a != "--timing"][:-len(TINY) - 2] + ["--report", str(untimed), *TINY]) == 0
+    assert "stage_seconds" not in json.loads(untimed.read_text())  # timing is opt-in
+
+
+def test_missing_weights_list_every_file(tmp_path, capsys, shared_dir):
+    out = tmp_path / "out.mp4"
+    assert main(["run", str(shared_dir / "assets/clips/face1.mp4"), "-o", str(out), "--model", "14b"]) == 2
+    err = capsys.readouterr().err
+    for flag in ("--ckpt", "--vae", "--taehv", "--wav2vec", "--text-embeds"):
+        assert flag in err
+    assert "lipforcing_14b.pth" in err and "Wan2.1_VAE.pth" in err and "taew2_1.pth" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_leaves_a_valid_file_or_none(shared_dir, tmp_path, sig):
+    """Ctrl-C and SIGTERM (service managers, docker stop) both leave a valid MP4 of the frames written so far
+    and no hidden partial file; the console shows no native log lines."""
+    out = tmp_path / "interrupted.mp4"
+    cmd = [sys.executable, "-m", "lipforcing.cli", "run", str(shared_dir / "assets/clips/face2.mp4"), "-o",
+           str(out), *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+    deadline = 120
+    import time
+
+    start = time.time()
+    while time.time() - start < deadline:  # wait until frames are being written, then interrupt
+        partial = list(tmp_path.glob(".interrupted.*.partial.mp4"))
+        if partial and partial[0].stat().st_size > 2000:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err.decode()
+    leftovers = list(tmp_path.glob("*.partial*")) + list(tmp_path.glob(".*"))
+    assert not leftovers
+    assert out.exists(), "frames were written before the signal: they are kept"
+    info = probe(out)
+    assert info.has_video and len(list(VideoReader(out))) > 0
+    text = err.decode()
+    for noise in ("W0000", "Feedback manager", "XNNPACK", "landmark_projection"):
+        assert noise not in text, text
