@@ -178,11 +178,17 @@ def engine_config(args: argparse.Namespace):
     return cfg, weights
 
 
-@command("run", "lip-sync a talking-head video to speech and write an MP4")
+@command("run", "lip-sync a talking-head video (or a prepared avatar) to speech and write an MP4")
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("video", help="input video (any common container/codec)")
+    p.add_argument("video", nargs="?", default=None, help="input video (any common container/codec)")
+    p.add_argument("--avatar", default=None, metavar="NAME.lfa", help="a prepared avatar instead of a video")
     p.add_argument("--audio", default=None, help="speech (wav/mp3/m4a/flac/...); default: the video's own audio")
     p.add_argument("-o", "--output", required=True, help="output .mp4")
+    p.add_argument("--audio-lookahead", type=float, default=None, metavar="SECONDS",
+                   help="compute the audio features as live sessions do: each chunk from a window of the speech "
+                        "reaching this far past it (default: the whole clip at once)")
+    p.add_argument("--audio-context", type=float, default=None, metavar="SECONDS",
+                   help="with --audio-lookahead: seconds of speech before each chunk in its window (default 4)")
     p.add_argument("--report", default=None, metavar="JSON", help="write the run summary (path, times) here")
     p.add_argument("--timing", action="store_true", help="measure the time of every stage (in the summary)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -191,13 +197,91 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .avatar import Avatar
     from .engine import build_engine
     from .run import format_summary, run_video
 
+    if (args.video is None) == (args.avatar is None):
+        raise ConfigError("give a video or --avatar NAME.lfa (one of them)")
+    if args.audio_context is not None and args.audio_lookahead is None:
+        raise ConfigError("--audio-context applies with --audio-lookahead")
+    avatar = Avatar.load(args.avatar) if args.avatar else None
     cfg, weights = engine_config(args)
-    summary = run_video(args.video, args.audio, args.output, build_engine(cfg, weights), progress=not args.quiet,
-                        timing=args.timing, report=args.report)
+    engine = build_engine(cfg, weights)
+    summary = run_video(args.video, args.audio, args.output, engine, avatar=avatar, lookahead=args.audio_lookahead,
+                        context=args.audio_context, progress=not args.quiet, timing=args.timing, report=args.report)
     print(format_summary(summary))
+    return 0
+
+
+@command("prepare-avatar", "align and encode a talking-head video once, for sessions that skip both")
+def _prepare_avatar_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", help="the avatar's video: a face in every frame")
+    p.add_argument("-o", "--output", required=True, metavar="NAME.lfa")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_options(p)
+    p.set_defaults(run=_prepare_avatar)
+
+
+def _prepare_avatar(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .avatar import SUFFIX, prepare_avatar
+    from .engine import build_engine
+
+    if Path(args.output).suffix != SUFFIX:
+        raise ConfigError(f"the avatar file must end in {SUFFIX}, got {args.output}")
+    cfg, weights = engine_config(args)
+    avatar = prepare_avatar(args.video, build_engine(cfg, weights), progress=not args.quiet)
+    path = avatar.save(args.output)
+    c = avatar.config
+    print(f"wrote {path}: {c['frames']} frames ({c['frames'] / 25:.2f} s), loops every {c['period_frames']} frames, "
+          f"{c['stored_latents']} latents of each stream, {path.stat().st_size / 1e6:.1f} MB")
+    return 0
+
+
+@command("measure-lookahead", "how far live (windowed) audio features are from whole-clip ones, per look-ahead")
+def _measure_lookahead_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("speech", nargs="+", help="speech files")
+    p.add_argument("--wav2vec", default=None, help="wav2vec2-base-960h directory (default: random weights at its size)")
+    p.add_argument("--lookaheads", default="0,0.16,0.32,0.64,1.28", help="seconds, comma-separated")
+    p.add_argument("--context", type=float, default=4.0, help="seconds of speech before each chunk")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(run=_measure_lookahead)
+
+
+def _measure_lookahead(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    import torch
+
+    from ..media.audio_features import Wav2Vec2Features
+    from ..media.io import load_audio
+    from ..media.live_audio import lookahead_report
+
+    try:
+        lookaheads = tuple(float(v) for v in args.lookaheads.split(","))
+    except ValueError:
+        raise ConfigError(f"--lookaheads takes seconds separated by commas, got {args.lookaheads!r}") from None
+    if args.wav2vec:
+        extractor, weights = Wav2Vec2Features.from_dir(args.wav2vec), args.wav2vec
+    else:
+        from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+        torch.manual_seed(0)
+        extractor, weights = Wav2Vec2Features(Wav2Vec2Model(Wav2Vec2Config())), "random weights (wav2vec2-base sizes)"
+    results = {path: [asdict(r) for r in lookahead_report(extractor, load_audio(path), lookaheads, args.context)]
+               for path in args.speech}
+    if args.json:
+        print(json.dumps({"weights": weights, "context_s": args.context, "results": results}))
+        return 0
+    print(f"wav2vec2: {weights}; context {args.context:g} s")
+    for path, rows in results.items():
+        print(path)
+        for r in rows:
+            layers = " ".join(f"{e:.3f}" for e in r["rel_error_per_layer"])
+            print(f"  look-ahead {r['lookahead_s']:.2f} s (+{r['added_latency_s']:.2f} s latency): relative error "
+                  f"{r['rel_error']:.3f}, on the frames' time grid {r['rel_error_same_grid']:.3f}; per layer {layers}")
     return 0
 
 

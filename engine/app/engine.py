@@ -257,6 +257,7 @@ class Engine:
                                     group_frames=config.encoder_group_frames)
         self.decoder = self._make_decoder()
         keep = load_mask(config.mask) if config.mask else mouth_mask01()
+        self.keep_mask = keep  # [256, 256] (or the user's size), 1 = keep
         self.keep_pixels = pixel_mask(keep, FACE_SIZE).to(device)  # [512, 512] {0, 1}: masked stream
         self.soft_mask = soft_mask(keep, FACE_SIZE).to(device)  # [512, 512] paste-back blend
         self.mask_latent = latent_mask_channel(keep, self.stream.latent_h, self.stream.latent_w).to(device)
@@ -330,11 +331,15 @@ class Engine:
         self.warmed_up = True
         return time.perf_counter() - began
 
-    def session(self, speech: np.ndarray, *, sample_rate: int = 16000, timing: bool = False):
-        """A new ``LipSync`` session on this engine (one at a time)."""
+    def session(self, speech: np.ndarray | None = None, *, sample_rate: int = 16000, timing: bool = False,
+                lookahead: float | None = None, context: float | None = None, avatar=None):
+        """A new ``LipSync`` session on this engine (one at a time): the whole speech up front, or live speech
+        (``lookahead``, or no speech), on pushed frames or on a prepared ``avatar``."""
+        from ..media.live_audio import DEFAULT_CONTEXT_S
         from .session import LipSync
 
-        return LipSync(self, speech, sample_rate=sample_rate, timing=timing)
+        return LipSync(self, speech, sample_rate=sample_rate, timing=timing, lookahead=lookahead,
+                       context=DEFAULT_CONTEXT_S if context is None else context, avatar=avatar)
 
     def release_audio_encoder(self) -> None:
         """Free wav2vec2 (it is loaded again by the next session)."""

@@ -60,34 +60,49 @@ def clip_has_face(video: str, frames: int, engine: Engine) -> bool:
 
 
 def run_video(
-    video: str | Path,
+    video: str | Path | None,
     audio: str | Path | None,
     out: str | Path,
     engine: Engine,
     *,
+    avatar=None,
+    lookahead: float | None = None,
+    context: float | None = None,
     progress: bool = True,
     timing: bool = False,
     report: str | Path | None = None,
 ) -> dict:
-    """Lip-sync ``video`` to ``audio`` (or to its own audio track) and write ``out``; returns a summary."""
-    video, out = str(video), Path(out)
-    audio = str(audio) if audio is not None else video
-    info = probe(video)
-    if not info.has_video:
-        raise MediaError(f"{video}: has no video stream")
+    """Lip-sync ``video`` (or a prepared ``avatar``) to ``audio`` (or to the video's own audio track) and write
+    ``out``; returns a summary. ``lookahead``: compute the audio features as a live session would, each chunk
+    from a window of the speech reaching this many seconds past it."""
+    out = Path(out)
+    if (video is None) == (avatar is None):
+        raise MediaError("give a video or a prepared avatar (--avatar), not both")
+    if avatar is not None and audio is None:
+        raise MediaError("an avatar needs speech: pass --audio")
+    audio = str(audio) if audio is not None else str(video)
     if out.suffix.lower() != ".mp4":
         raise MediaError(f"{out}: the output must be an .mp4 file")
+    info = None
+    if video is not None:
+        video = str(video)
+        info = probe(video)
+        if not info.has_video:
+            raise MediaError(f"{video}: has no video stream")
     start = time.perf_counter()
     speech = load_audio(audio)  # 16 kHz mono for the audio features
     mux_audio, mux_rate = _output_audio(audio)
     n = clip_length_from_samples(speech.size).frames
-    if not clip_has_face(video, n, engine):
+    live = dict(lookahead=lookahead, context=context)  # the session's speech mode
+    if avatar is not None:
+        summary = _lip_sync_avatar(avatar, out, n, speech, mux_audio, mux_rate, engine, progress, timing, live)
+    elif not clip_has_face(video, n, engine):
         if engine.config.require_face:
             raise NoFaceError(f"{video}: no face was found in the clip (--require-face)")
         log.warning("lipforcing: no face found in %s; the output is the input video with the speech", video)
         summary = _copy_through(video, out, n, info, mux_audio, mux_rate, progress)
     else:
-        summary = _lip_sync(video, out, n, info, speech, mux_audio, mux_rate, engine, progress, timing)
+        summary = _lip_sync(video, out, n, info, speech, mux_audio, mux_rate, engine, progress, timing, live)
     elapsed = time.perf_counter() - start
     steady = elapsed - summary.get("warm_up_seconds", 0.0)
     summary.update(output=str(out), duration_s=summary["frames"] / OUTPUT_FPS, seconds=round(elapsed, 3),
@@ -98,10 +113,11 @@ def run_video(
     return summary
 
 
-def _lip_sync(video, out, n, info, speech, mux_audio, mux_rate, engine, progress, timing) -> dict:
+def _lip_sync(video, out, n, info, speech, mux_audio, mux_rate, engine, progress, timing, live) -> dict:
     warm = engine.warm_up()
-    session = engine.session(speech, timing=timing)
-    engine.release_audio_encoder()  # one clip per run: wav2vec2 is done with
+    session = engine.session(speech, timing=timing, **live)
+    if live["lookahead"] is None:
+        engine.release_audio_encoder()  # one clip per run: wav2vec2 is done with
     bar = _progress(n, progress)
     with VideoWriter(out, info.width, info.height, audio=mux_audio, audio_rate=mux_rate) as writer:
         background = BackgroundWriter(writer)
@@ -122,11 +138,42 @@ def _lip_sync(video, out, n, info, speech, mux_audio, mux_rate, engine, progress
             writer.keep_partial = False
             raise NoFaceError(f"{video}: no face was found in any frame (--require-face)")
     bar.close()
+    return _session_summary(session, warm, timing)
+
+
+def _session_summary(session, warm: float, timing: bool) -> dict:
     summary = session.summary()
     summary["warm_up_seconds"] = round(warm, 3)
     if not timing:
         summary.pop("stage_seconds")
     return summary
+
+
+def _lip_sync_avatar(avatar, out, n, speech, mux_audio, mux_rate, engine, progress, timing, live) -> dict:
+    """A prepared avatar: no frames to read; the session runs chunk by chunk as the speech allows."""
+    warm = engine.warm_up()
+    session = engine.session(speech, timing=timing, avatar=avatar, **live)
+    if live["lookahead"] is None:
+        engine.release_audio_encoder()
+    bar = _progress(n, progress)
+    h, w = avatar.config["frame_hw"]
+    with VideoWriter(out, w, h, audio=mux_audio, audio_rate=mux_rate) as writer:
+        background = BackgroundWriter(writer)
+        try:
+            while session.frames_out < n:
+                for done in session.pop(timeout=0.1):
+                    background.write(done)
+                    bar.update(1)
+            for done in session.close():
+                background.write(done)
+                bar.update(1)
+            background.close()
+        except BaseException:
+            session.abort()
+            background.abort()
+            raise
+    bar.close()
+    return _session_summary(session, warm, timing)
 
 
 def _copy_through(video, out, n, info, mux_audio, mux_rate, progress) -> dict:

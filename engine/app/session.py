@@ -1,17 +1,23 @@
 """The session users embed: frames + speech in, lip-synced frames out, as they are made.
 
     engine = build_engine(RunConfig(model="14b"), Weights(...))
-    with engine.session(speech_16k) as session:      # LipSync; audio features of the whole clip here
+    with engine.session(speech_16k) as session:      # the whole speech up front (files): features once
         for frame in source:                          # np.uint8 [H, W, 3] RGB frames, any size
             for out in session.push(frame):           # finished frames, in order, as soon as they are done
                 show(out)
         for out in session.close():                   # flush: the rest, then the session ends
             show(out)
 
+    session = engine.session(lookahead=0.32)          # live speech (a microphone, a TTS stream)
+    session.push_audio(samples, rate)                 # as it is spoken; end_audio() when it stops
+    session = engine.session(speech, avatar=avatar)   # a prepared avatar: no frames to push, speech only
+
 Per chunk (9 source frames for a clip's first chunk, then 12): locate the face in each frame (SPEC §8),
 warp the frames to 512x512 crops on the device, zero the mouth for the masked stream, encode both
 streams as one batch, run the student's two denoising calls and its commit call, decode, blend the
 generated mouth with the aligned original using the soft mask and paste the face back into the frame.
+A prepared avatar brings its crops, transforms and latents: only the student, the decoder and paste-back
+run.
 
 The fast path (``pipeline="streams"``) runs three worker threads joined by bounded queues: face location
 (host), device work (the chunk pipeline's encode | student | decode on device streams, which only
@@ -20,16 +26,23 @@ caller does with the frames (muxing) stay off the device's critical path, and a 
 handed out as soon as its decode has finished. ``pipeline="sequential"`` runs the same stages one after
 another in the caller's thread (the reference path); both give the same frames.
 
+Speech. With the whole speech up front the audio features come from one wav2vec2 pass over the clip (the
+released model's global attention). Live (``lookahead`` given, or no speech at session start) each chunk's
+features come from a window of the speech: ``context`` seconds before the chunk and ``lookahead`` seconds
+after it, so a chunk runs once its frames and its look-ahead have arrived (see ``media/live_audio.py``).
+The output length follows SPEC §6 in both modes (in live mode it is known once ``end_audio`` is called).
+On an avatar, ``keep_alive`` fills a stall of the speech with silence in real time, so the avatar keeps
+playing with a closed mouth instead of freezing.
+
 Frames without a face cost no model time: a run of frames in which no face is found at all is passed
 through unchanged and the student is not called. When a face appears again the model restarts there as
 a new clip (its first chunk of 9 frames gives the reference latent; the audio features are taken from
 that frame on), so a title card or a cut-away never feeds a made-up face to the model.
 
-Latency: a chunk's frames come out once its last source frame has arrived, 9 frames (0.36 s of video)
-for the first chunk, then 12 (0.48 s), plus the processing time of one chunk. Audio features need the
-whole clip: wav2vec2's attention is global in the released model, so the speech must be known when the
-session starts. Push at least ``frames_needed`` frames (more are ignored); ``close`` completes a last
-partial chunk by repeating its final frame and cuts its output to the frames actually pushed.
+Latency: a chunk's frames come out once its last source frame (and, live, its audio look-ahead) has
+arrived, 9 frames (0.36 s of video) for the first chunk, then 12 (0.48 s), plus the processing time of one
+chunk. Push at least ``frames_needed`` frames (more are ignored); ``close`` completes a last partial chunk by
+repeating its final frame and cuts its output to the frames actually pushed.
 """
 
 from __future__ import annotations
@@ -45,14 +58,17 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, LipforcingError
-from ..media.face import FACE_SIZE, FaceTransform, warp_affine_torch
-from ..media.length import clip_length_from_samples
-from ..media.paste_back import faces_to_tensor, paste_back
+from ..media.face import FaceTransform, faces_to_tensor, frames_and_crops, group_by_size, upload_frames
+from ..media.length import AUDIO_RATE, clip_length_from_samples
+from ..media.live_audio import DEFAULT_CONTEXT_S, SpeechBuffer, WindowedFeatures
+from ..media.paste_back import paste_back
 from ..runtime.pipeline import ChunkOutput
 from ..runtime.timing import StageTimer
 
 FIRST_CHUNK_FRAMES = 9  # pixel frames of a clip's first chunk (1 + 4 * 2)
 CHUNK_FRAMES = 12  # pixel frames of every later chunk (4 * 3)
+DEFAULT_LOOKAHEAD_S = 0.32
+"""Seconds of speech a live chunk waits for beyond its last frame (see the README for the figures)."""
 _END = object()  # end of input (close)
 _POLL_S = 0.05
 
@@ -65,6 +81,8 @@ class _Stopped(Exception):
 class _Piece:
     """Consecutive source frames handled together: one model chunk, or a run passed through unchanged."""
 
+    start: int
+    """Absolute index of the first frame."""
     frames: list[np.ndarray]
     """Source frames, np.uint8 [H, W, 3]; a padded last chunk repeats its final frame."""
     transforms: list[FaceTransform | None]
@@ -75,34 +93,66 @@ class _Piece:
     """False: no face in any frame, the frames are passed through and no model runs."""
     clip_start: int | None = None
     """Absolute frame index where the model (re)starts a clip with this chunk, else None."""
+    avatar_chunk: int | None = None
+    """The chunk's index on a prepared avatar (its crops and latents come from the avatar)."""
     device: dict = field(default_factory=dict)
     """Device tensors of the chunk between the stages (frames, crops, the pipeline's output)."""
 
+    @property
+    def stop(self) -> int:
+        """One past the last frame the chunk covers (padding included): its audio must reach this far."""
+        return self.start + len(self.frames)
+
 
 class LipSync:
-    """A streaming lip-sync session over one clip (the speech is known up front)."""
+    """A streaming lip-sync session over one clip."""
 
-    def __init__(self, engine, speech: np.ndarray, *, sample_rate: int = 16000, timing: bool = False) -> None:
-        """speech: float32 [S] mono at ``sample_rate`` (16 kHz: the rate wav2vec2 was trained at)."""
-        if sample_rate != 16000:
-            raise ConfigError(f"speech must be 16 kHz mono (got {sample_rate} Hz); resample it first")
+    def __init__(
+        self,
+        engine,
+        speech: np.ndarray | None = None,
+        *,
+        sample_rate: int = AUDIO_RATE,
+        timing: bool = False,
+        lookahead: float | None = None,
+        context: float = DEFAULT_CONTEXT_S,
+        avatar=None,
+    ) -> None:
+        """speech: float [S] mono at ``sample_rate`` (the whole clip), or None (live: ``push_audio``).
+        lookahead / context: seconds of speech after / before a chunk for its features (live mode)."""
         if engine.busy:
             raise ConfigError("this engine already runs a session; close it first (one session per engine)")
         self.engine = engine
-        self.length = clip_length_from_samples(int(np.asarray(speech).shape[-1]), sample_rate)
         self.timer = StageTimer(enabled=timing)
+        self.avatar = avatar
+        if avatar is not None:
+            avatar.check_engine(engine)
         engine.warm_up()
         engine.aligner.reset()
-        with self.timer.stage("audio features"):
-            features = engine.networks.audio(speech, self.length.frames)  # [N, audio_dim]
-        audio_dim = engine.student.model.cfg.audio_dim
-        if features.shape[-1] != audio_dim:
-            raise ConfigError(f"audio features have {features.shape[-1]} channels; the model expects {audio_dim}")
-        self._features = features.to(engine.device)
+        self.live = speech is None or lookahead is not None
+        self._speech = SpeechBuffer()
+        self._speech_lock = threading.Condition()
+        self._clock: float | None = None
+        self._features: torch.Tensor | None = None
+        self.length = None
+        if speech is not None:
+            self._speech.push(speech, sample_rate)
+            self._speech.end()
+            self.length = clip_length_from_samples(self._speech.samples)
+        if self.live:
+            self._window = WindowedFeatures(engine.networks.audio, lookahead_s=DEFAULT_LOOKAHEAD_S
+                                            if lookahead is None else lookahead, context_s=context)
+        else:
+            with self.timer.stage("audio features"):
+                features = engine.networks.audio(self._speech.window(0, self._speech.samples), self.length.frames)
+            self._check_audio_dim(features)
+            self._features = features.to(engine.device)  # [N, audio_dim]
         self._pending: list[tuple[np.ndarray, FaceTransform | None]] = []
-        self._accepted = 0  # source frames taken into the session (at most frames_needed)
+        self._accepted = 0  # source frames taken into the session
         self._align_s = 0.0  # face location time of the pending frames
         self._running = False  # the model is inside a clip (the next chunk is 12 frames)
+        self._avatar_chunks = 0  # chunks of the avatar handed to the device stage
+        self._ready: deque[_Piece] = deque()  # sequential path: chunks waiting for their audio
         self._out: deque[np.ndarray] = deque()
         self._cond = threading.Condition()
         self._error: BaseException | None = None
@@ -122,14 +172,16 @@ class LipSync:
     # --- public API -----------------------------------------------------------------------------------
 
     @property
-    def frames_needed(self) -> int:
-        """Output length N (SPEC §6): push at least this many source frames (extra ones are ignored)."""
-        return self.length.frames
+    def frames_needed(self) -> int | None:
+        """Output length N (SPEC §6): push at least this many source frames (extra ones are ignored). Live:
+        None until ``end_audio``."""
+        return None if self.length is None else self.length.frames
 
     def push(self, frames: np.ndarray | list[np.ndarray]) -> list[np.ndarray]:
         """Accept source frames (np.uint8 [H, W, 3] each, or [T, H, W, 3]); return the frames finished so far."""
-        if self._closed:
-            raise ConfigError("push() after close(): start a new session")
+        self._check_open()
+        if self.avatar is not None:
+            raise ConfigError("a session on a prepared avatar takes no frames: push speech (push_audio)")
         batch = list(frames) if not isinstance(frames, np.ndarray) or frames.ndim == 4 else [frames]
         for frame in batch:
             frame = _check_frame(frame)
@@ -139,8 +191,48 @@ class LipSync:
                 self._run_inline(frame)
         return self.pop()
 
+    def push_audio(self, samples: np.ndarray, rate: int = AUDIO_RATE) -> list[np.ndarray]:
+        """Live speech as it arrives (float [S] mono or [C, S], any rate); returns the frames finished so far."""
+        self._check_open()
+        if not self.live or self._speech.ended:
+            raise ConfigError("this session's speech is complete (given up front or ended with end_audio)")
+        with self._speech_lock:
+            self._speech.push(samples, rate)
+            if self._clock is None:
+                self._clock = time.monotonic() - self._speech.samples / AUDIO_RATE
+            self._speech_lock.notify_all()
+        self._after_audio()
+        return self.pop()
+
+    def end_audio(self) -> list[np.ndarray]:
+        """No more speech: the output length becomes known (SPEC §6) and the last chunks can run."""
+        self._check_open()
+        if self.live and not self._speech.ended:
+            with self._speech_lock:
+                self._speech.end()
+                self.length = clip_length_from_samples(max(self._speech.samples, FIRST_CHUNK_FRAMES * 640))
+                self._speech_lock.notify_all()
+            self._after_audio()
+        return self.pop()
+
+    def keep_alive(self, now: float | None = None) -> list[np.ndarray]:
+        """Live speech on an avatar: if the speech has fallen behind the wall clock (nothing is being said),
+        fill the gap with silence so the avatar keeps playing with a closed mouth. Call it regularly."""
+        if not self.live or self._speech.ended:
+            return self.pop()
+        now = time.monotonic() if now is None else now
+        if self._clock is None:
+            self._clock = now
+        missing = int((now - self._clock) * AUDIO_RATE) - self._speech.samples
+        if missing > 0:
+            return self.push_audio(np.zeros(missing, np.float32))
+        return self.pop()
+
     def pop(self, timeout: float = 0.0) -> list[np.ndarray]:
-        """Finished frames, in order; waits up to ``timeout`` seconds for at least one (0: never waits)."""
+        """Finished frames, in order; waits up to ``timeout`` seconds for at least one (0: never waits). On an
+        avatar run sequentially, each call first runs the next chunk the speech allows."""
+        if self.avatar is not None and not self._threads and not self._closed:
+            self._avatar_step()
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._out and self._error is None and not self._finished.is_set():
@@ -158,8 +250,11 @@ class LipSync:
         if self._closed:
             return self.pop()
         try:
+            if self.live and not self._speech.ended:
+                self.end_audio()
             if self._threads:
-                self._put(self._inbox[0], _END)
+                if self.avatar is None:
+                    self._put(self._inbox[0], _END)
                 while not self._finished.wait(_POLL_S):
                     self._raise_error()
                 self._join()
@@ -176,6 +271,8 @@ class LipSync:
     def abort(self) -> None:
         """Stop at once: workers end, queued work is dropped (frames already handed out stay valid)."""
         self._stop.set()
+        with self._speech_lock:
+            self._speech_lock.notify_all()
         self._join()
         self._end()
 
@@ -196,17 +293,19 @@ class LipSync:
             "chunks": self.chunks_run,
             "frames_passed_through": self.frames_passed_through,
             "faces_found": self.faces_found,
+            "audio": "live" if self.live else "whole clip",
+            "avatar": self.avatar is not None,
             "stage_seconds": {k: round(v, 4) for k, v in self.timer.seconds.items()},
             "path": self.engine.path,
         }
 
-    # --- stages ----------------------------------------------------------------------------------------
+    # --- sources: pushed frames or a prepared avatar ---------------------------------------------------
 
     def _locate(self, item) -> list[_Piece]:
         """Host stage: find each frame's face; cut the frames into chunks (or pass-through runs)."""
         if item is _END:
             return [self._cut(pad=True)] if self._pending else []
-        if self._accepted >= self.length.frames:
+        if self.length is not None and self._accepted >= self.length.frames:
             return []  # beyond the clip's length (SPEC §6): ignored
         began = time.perf_counter()
         where = self.engine.aligner.locate(item)
@@ -231,54 +330,150 @@ class LipSync:
         start = self._accepted - real
         if not any(t is not None for t in transforms):
             self._running = False
-            return _Piece(frames=frames, transforms=transforms, real=real, model=False)
+            return _Piece(start=start, frames=frames, transforms=transforms, real=real, model=False)
         size = self._chunk_size()
         if pad and real < size:  # complete a last partial chunk by repeating its final frame
             frames += [frames[-1]] * (size - real)
             transforms += [transforms[-1]] * (size - real)
         clip_start = None if self._running else start
         self._running = True
-        return _Piece(frames=frames, transforms=transforms, real=real, model=True, clip_start=clip_start)
+        return _Piece(start=start, frames=frames, transforms=transforms, real=real, model=True, clip_start=clip_start)
+
+    def _avatar_piece(self, b: int) -> _Piece:
+        """Chunk b of the avatar's played sequence: frames, transforms and crops come from the avatar."""
+        avatar = self.avatar
+        start = 0 if b == 0 else FIRST_CHUNK_FRAMES + CHUNK_FRAMES * (b - 1)
+        size = FIRST_CHUNK_FRAMES if b == 0 else CHUNK_FRAMES
+        played = range(start, start + size)
+        frames = [avatar.frame(i) for i in played]
+        transforms = [FaceTransform(matrix=avatar.matrices[s], inverse=avatar.inverses[s], reused=False, anchors=None)
+                      for s in (avatar.source(i) for i in played)]
+        self.faces_found += size
+        return _Piece(start=start, frames=frames, transforms=transforms, real=size, model=True,
+                      clip_start=0 if b == 0 else None, avatar_chunk=b)
+
+    def _next_avatar_piece(self) -> _Piece | None | bool:
+        """The avatar's next chunk if the speech allows it now; True when the speech is complete and every
+        chunk was handed out; None while waiting for speech."""
+        b = self._avatar_chunks
+        start = 0 if b == 0 else FIRST_CHUNK_FRAMES + CHUNK_FRAMES * (b - 1)
+        if self.length is not None and start >= self.length.frames:
+            return True
+        stop = start + (FIRST_CHUNK_FRAMES if b == 0 else CHUNK_FRAMES)
+        if self.live and not self._audio_ready(stop):
+            return None
+        self._avatar_chunks += 1
+        return self._avatar_piece(b)
+
+    def _avatar_step(self, every: bool = False) -> None:
+        """Sequential path on an avatar: run the next chunk the speech allows (``every``: all of them)."""
+        while True:
+            piece = self._next_avatar_piece()
+            if not isinstance(piece, _Piece):
+                return
+            self._ready.append(piece)
+            self._drain()
+            if not every:
+                return
+
+    def _feeder(self) -> None:
+        """Worker (threads) on an avatar: hands the avatar's chunks to the device stage as the speech allows."""
+        try:
+            while True:
+                piece = self._next_avatar_piece()
+                if piece is True:
+                    self._put(self._inbox[1], _END)
+                    return
+                if piece is None:
+                    with self._speech_lock:
+                        if self._stop.is_set():
+                            return
+                        self._speech_lock.wait(_POLL_S)
+                    continue
+                self._put(self._inbox[1], piece)
+        except _Stopped:
+            return
+        except BaseException as exc:
+            self._fail(exc)
+
+    # --- audio ------------------------------------------------------------------------------------------
+
+    def _check_audio_dim(self, features: torch.Tensor) -> None:
+        audio_dim = self.engine.networks.student.cfg.audio_dim
+        if features.shape[-1] != audio_dim:
+            raise ConfigError(f"audio features have {features.shape[-1]} channels; the model expects {audio_dim}")
+
+    def _audio_ready(self, stop: int) -> bool:
+        if not self.live:
+            return True
+        with self._speech_lock:
+            return self._window.ready(self._speech, stop)
+
+    def _wait_audio(self, stop: int) -> None:
+        """Device stage (threads): wait until the speech reaches frame ``stop`` plus the look-ahead."""
+        with self._speech_lock:
+            while not self._window.ready(self._speech, stop):
+                if self._stop.is_set():
+                    raise _Stopped
+                self._speech_lock.wait(_POLL_S)
+
+    def _after_audio(self) -> None:
+        if self.avatar is None and not self._threads:
+            self._drain()
 
     def _audio_from(self, start: int) -> torch.Tensor:
-        """Audio features [1, V, C] of a clip the model starts at frame ``start``: as many latent frames as
+        """Whole-clip features [1, V, C] of a clip the model starts at frame ``start``: as many latent frames as
         whole chunks can cover to the end of the speech (the last rows repeat where a chunk runs past it)."""
         left = self.length.frames - start
         chunks = 1 + math.ceil(max(0, left - FIRST_CHUNK_FRAMES) / CHUNK_FRAMES)
         rows = torch.arange(start, start + chunks * CHUNK_FRAMES - 3, device=self._features.device)
         return self._features[rows.clamp_max(self.length.frames - 1)][None]
 
+    def _live_codes(self, piece: _Piece) -> torch.Tensor:
+        """The chunk's audio codes [1, 3, hidden] from a window of the live speech."""
+        with self._speech_lock:  # copy the window, then let more speech arrive during the wav2vec2 pass
+            audio, w0 = self._window.speech_for(self._speech, piece.start, piece.stop)
+            keep_from, _ = self._window.window(self._speech, piece.stop, piece.stop)
+            self._speech.drop_before(keep_from * 640)  # what later chunks' windows no longer reach
+        with self.timer.stage("audio features"):
+            features = self._window.features_of(audio, w0, piece.start, piece.stop)
+        self._check_audio_dim(features)
+        model = self.engine.networks.student
+        emb = features[None].to(self.engine.device, model.dtype)
+        return model.audio_proj(emb, clip_start=piece.clip_start is not None)
+
+    # --- stages ----------------------------------------------------------------------------------------
+
     def _device(self, piece) -> list:
         """Device stage: upload, warp to crops and submit the chunk to the pipeline (only enqueues on a GPU)."""
         if piece is _END or not piece.model:
             return [piece]
+        if self.live:
+            if self._threads:
+                self._wait_audio(piece.stop)
+            if self.length is not None:  # the speech ended: cut what lies beyond the clip's length
+                piece.real = min(piece.real, self.length.frames - piece.start)
+                if piece.real <= 0:
+                    return []
         engine = self.engine
-        with engine.streams.on("encode"):
+        with torch.no_grad(), engine.streams.on("encode"):
+            codes = self._live_codes(piece) if self.live else None
             if piece.clip_start is not None:
-                engine.pipeline.start_clip(engine.networks.text_context, self._audio_from(piece.clip_start),
-                                           engine.mask_latent)
-            frames, crops = self._crops(piece)
+                audio = None if self.live else self._audio_from(piece.clip_start)
+                engine.pipeline.start_clip(engine.networks.text_context, audio, engine.mask_latent)
+            latents = None
+            if piece.avatar_chunk is not None:
+                b, avatar = piece.avatar_chunk, self.avatar
+                frames = upload_frames(piece.frames, engine.device)
+                crops = faces_to_tensor([avatar.crop(i) for i in range(piece.start, piece.stop)], engine.device)
+                latents = avatar.latents(3 * b, 3 * b + 3).to(engine.device, non_blocking=True)
+            else:
+                matrices = [t.matrix for t in _fill_gaps(piece.transforms)]  # a frame without a face borrows one
+                frames, crops = frames_and_crops(piece.frames, matrices, engine.device)
             piece.device["frames"], piece.device["crops"] = frames, crops
-            piece.device["output"] = engine.pipeline.submit(crops * 2 - 1, self.timer)
+            piece.device["output"] = engine.pipeline.submit(None if latents is not None else crops * 2 - 1,
+                                                            self.timer, codes=codes, latents=latents)
         return [piece]
-
-    def _crops(self, piece: _Piece) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Source frames on the device (one tensor per frame) and the aligned crops [T, 3, 512, 512] in [0, 1].
-        A frame without a face borrows the nearest face's transform for its crop (its output is passed through)."""
-        engine = self.engine
-        donors = _fill_gaps(piece.transforms)
-        if engine.device.type != "cuda":  # cv2's warp is the fast one on a CPU
-            crops = [engine.aligner.warp_frame(f, t.matrix) for f, t in zip(piece.frames, donors)]
-            frames = [torch.from_numpy(np.ascontiguousarray(f)) for f in piece.frames]
-            return frames, faces_to_tensor(crops)
-        frames = [torch.from_numpy(np.ascontiguousarray(f)).pin_memory().to(engine.device, non_blocking=True)
-                  for f in piece.frames]
-        crops = torch.empty(len(frames), 3, FACE_SIZE, FACE_SIZE, device=engine.device)
-        for idx in _by_size(piece.frames).values():
-            images = torch.stack([frames[i] for i in idx]).permute(0, 3, 1, 2).float()
-            matrices = np.stack([donors[i].matrix for i in idx])
-            crops[idx] = warp_affine_torch(images, matrices, (FACE_SIZE, FACE_SIZE)).round_().clamp_(0, 255)
-        return frames, crops.div_(255.0)
 
     def _finish(self, piece) -> list:
         """Host stage: paste the generated faces back (on the device) and hand the frames over."""
@@ -297,7 +492,7 @@ class LipSync:
             with self.timer.stage("paste-back", streams.stream("finish")):
                 generated, aligned, frames = output.frames, piece.device["crops"], piece.device["frames"]
                 faces = [i for i in range(piece.real) if piece.transforms[i] is not None]
-                for idx in _by_size([piece.frames[i] for i in faces]).values():
+                for idx in group_by_size([piece.frames[i] for i in faces]).values():
                     group = [faces[i] for i in idx]
                     inverse = np.stack([piece.transforms[i].inverse for i in group])
                     pasted = paste_back(torch.stack([frames[i] for i in group]), generated[group].float(),
@@ -318,8 +513,20 @@ class LipSync:
             self._cond.notify_all()
 
     def _run_inline(self, item) -> None:
-        for piece in self._locate(item):
-            for submitted in self._device(piece):
+        if item is _END:
+            if self.avatar is None:
+                self._ready.extend(self._locate(_END))
+            else:
+                self._avatar_step(every=True)
+            self._drain(final=True)
+            return
+        self._ready.extend(self._locate(item))
+        self._drain()
+
+    def _drain(self, final: bool = False) -> None:
+        """Sequential path: run every waiting chunk whose audio is in (``final``: all of them, the speech ended)."""
+        while self._ready and (final or not self._ready[0].model or self._audio_ready(self._ready[0].stop)):
+            for submitted in self._device(self._ready.popleft()):
                 for frames in self._finish(submitted):
                     self._deliver(frames)
 
@@ -328,8 +535,10 @@ class LipSync:
         stages = [("align", self._locate), ("device", self._device), ("finish", self._finish)]
         for i, (name, fn) in enumerate(stages):
             outbox = self._inbox[i + 1] if i + 1 < len(stages) else None
-            thread = threading.Thread(target=self._worker, args=(self._inbox[i], fn, outbox),
-                                      name=f"lipforcing-{name}", daemon=True)
+            target, args = self._worker, (self._inbox[i], fn, outbox)
+            if i == 0 and self.avatar is not None:  # an avatar's chunks come from the speech, not from frames
+                target, args, name = self._feeder, (), "avatar"
+            thread = threading.Thread(target=target, args=args, name=f"lipforcing-{name}", daemon=True)
             self._threads.append(thread)
             thread.start()
 
@@ -352,12 +561,16 @@ class LipSync:
                     return
         except _Stopped:
             return
-        except BaseException as exc:  # handed to the caller's thread by the next push / pop / close
-            with self._cond:
-                if self._error is None:
-                    self._error = exc
-                self._cond.notify_all()
-            self._stop.set()
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A worker's error: handed to the caller's thread by the next push / pop / close."""
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._cond.notify_all()
+        self._stop.set()
 
     def _get(self, q: queue.Queue):
         while True:
@@ -385,6 +598,10 @@ class LipSync:
             if isinstance(error, LipforcingError | KeyboardInterrupt):
                 raise error
             raise RuntimeError(f"lipforcing session failed in a worker: {error!r}") from error
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("the session is closed: start a new session")
 
     def _join(self) -> None:
         for thread in self._threads:
@@ -417,11 +634,3 @@ def _fill_gaps(transforms: list[FaceTransform | None]) -> list[FaceTransform]:
         prev = t if t is not None else prev
         out[i] = prev
     return out
-
-
-def _by_size(frames: list[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
-    """Indices of the frames grouped by frame size (batched warps and paste-back need one size)."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, f in enumerate(frames):
-        groups.setdefault(tuple(f.shape), []).append(i)
-    return groups

@@ -133,6 +133,16 @@ class SinkWindowCache:
         self.frames: tuple[int, ...] = ()  # absolute latent frame in each filled slot
         self.plan: ChunkPlan | None = None
 
+    def rows(self, start: int, stop: int) -> SinkWindowCache:
+        """A cache over batch rows [start, stop) of this one: the same memory, its own bookkeeping (the static
+        scheduler gives every session a row and runs sessions with equal plans as one batch)."""
+        view = object.__new__(SinkWindowCache)
+        view.model, view.stream = self.model, self.stream
+        view.tokens_per_frame, view.capacity = self.tokens_per_frame, self.capacity
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.frames, view.plan = (), None
+        return view
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

@@ -205,16 +205,21 @@ class AudioPack(nn.Module):
         self.proj = nn.Linear(cfg.audio_dim * self.group, cfg.audio_hidden)
         self.norm_out = nn.LayerNorm(cfg.audio_hidden, eps=cfg.audio_norm_eps)
 
-    def forward(self, audio_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, audio_emb: torch.Tensor, *, clip_start: bool = True) -> torch.Tensor:
         """audio_emb: [B, V, audio_dim] with V = 1 + 4(L-1) -> codes [B, L, audio_hidden] float32.
 
         Three copies of frame 0 are prepended, so latent frame 0 sees video frames {0,0,0,0} and latent
-        frame k >= 1 sees {4k-3 .. 4k} (SPEC §4).
+        frame k >= 1 sees {4k-3 .. 4k} (SPEC §4). ``clip_start=False`` packs frames from inside a clip
+        (V = 4L: a later chunk's 12 frames, as live sessions feed them), with nothing prepended.
         """
         b, v, c = audio_emb.shape
-        if (v - 1) % self.group:
+        if clip_start and (v - 1) % self.group:
             raise ValueError(f"audio_emb has {v} frames; expected 1 + {self.group}(L-1)")
-        padded = torch.cat([audio_emb[:, :1].expand(b, self.group - 1, c), audio_emb], dim=1)
+        if not clip_start and v % self.group:
+            raise ValueError(f"audio_emb has {v} frames; expected a multiple of {self.group} inside a clip")
+        padded = audio_emb
+        if clip_start:
+            padded = torch.cat([audio_emb[:, :1].expand(b, self.group - 1, c), audio_emb], dim=1)
         packed = padded.reshape(b, -1, self.group * c)  # frame-in-group major, channel minor
         y = linear(self.proj, packed)
         return F.layer_norm(y.float(), (y.shape[-1],), self.norm_out.weight.float(), self.norm_out.bias.float(),
@@ -227,8 +232,8 @@ class ClipConditioning:
 
     text_kv: list[tuple[torch.Tensor, torch.Tensor]]
     """Per layer: K, V each [B, text_len, H, D]."""
-    audio_codes: torch.Tensor
-    """[B, L, audio_hidden] float32, one code per latent frame."""
+    audio_codes: torch.Tensor | None
+    """[B, L, audio_hidden] float32, one code per latent frame (None: given per call, live audio)."""
 
 
 class CausalWanStudent(nn.Module):
@@ -253,13 +258,15 @@ class CausalWanStudent(nn.Module):
         return self.patch_embedding.weight.dtype
 
     @torch.no_grad()
-    def prepare_clip(self, text_context: torch.Tensor, audio_emb: torch.Tensor) -> ClipConditioning:
+    def prepare_clip(self, text_context: torch.Tensor, audio_emb: torch.Tensor | None) -> ClipConditioning:
         """text_context: [B, text_len, text_dim]; audio_emb: [B, V, audio_dim]. Run once per clip."""
         return self.clip_conditioning(text_context, audio_emb)
 
-    def clip_conditioning(self, text_context: torch.Tensor, audio_emb: torch.Tensor) -> ClipConditioning:
-        """``prepare_clip`` with autograd left on (training)."""
-        return ClipConditioning(text_kv=self.text_kv(text_context), audio_codes=self.audio_proj(audio_emb))
+    def clip_conditioning(self, text_context: torch.Tensor, audio_emb: torch.Tensor | None) -> ClipConditioning:
+        """``prepare_clip`` with autograd left on (training). ``audio_emb=None``: the audio arrives chunk by chunk
+        (live sessions), each call then gets its codes."""
+        codes = None if audio_emb is None else self.audio_proj(audio_emb)
+        return ClipConditioning(text_kv=self.text_kv(text_context), audio_codes=codes)
 
     def text_kv(self, text_context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention K/V of every layer: text_context [B, text_len, text_dim] -> per layer K, V each
@@ -319,13 +326,17 @@ class CausalWanStudent(nn.Module):
         clip: ClipConditioning,
         ctx: AttentionContext,
         start_frame: int = 0,
+        codes: torch.Tensor | None = None,  # [B, F, audio_hidden]: this call's audio codes (live audio)
     ) -> torch.Tensor:
-        """One network call on frames start_frame .. start_frame + F - 1; returns the flow [B, out_dim, F, h, w]."""
+        """One network call on frames start_frame .. start_frame + F - 1; returns the flow [B, out_dim, F, h, w].
+        The audio codes are the clip's (sliced at start_frame) unless given."""
         f = x_in.shape[2]
         e, e0 = self.time_modulation(t, x_in.shape[0])
-        codes = clip.audio_codes[:, start_frame : start_frame + f]  # [B, F, audio_hidden]
-        if codes.shape[1] != f:
-            raise ValueError(f"audio covers {clip.audio_codes.shape[1]} latent frames; call needs {start_frame + f}")
+        if codes is None:
+            codes = clip.audio_codes[:, start_frame : start_frame + f]  # [B, F, audio_hidden]
+            if codes.shape[1] != f:
+                covered = clip.audio_codes.shape[1]
+                raise ValueError(f"audio covers {covered} latent frames; call needs {start_frame + f}")
         return self.forward_static(x_in, e, e0, codes, clip.text_kv, ctx)
 
     def forward_static(

@@ -508,3 +508,46 @@ class FaceAligner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def group_by_size(frames: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
+    """Indices of the frames grouped by frame size (batched warps and paste-back need one size)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, f in enumerate(frames):
+        groups.setdefault(tuple(f.shape), []).append(i)
+    return groups
+
+
+def frames_and_crops(
+    frames: Sequence[np.ndarray], matrices: Sequence[np.ndarray], device: torch.device
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Frames on the device and their aligned crops. frames: np.uint8 [H, W, 3] each (any sizes); matrices:
+    [2, 3] frame -> crop each. Returns (one uint8 [H, W, 3] tensor per frame, crops float [T, 3, 512, 512] in
+    [0, 1] rounded to 8-bit levels). On a CPU cv2 warps (the fast one there); on CUDA the frames are uploaded
+    (pinned, asynchronous) and warped in batches on the device, so the crops never leave it."""
+    out = upload_frames(frames, device)
+    if device.type != "cuda":
+        crops = [warp_affine_cv2(f, m, (FACE_SIZE, FACE_SIZE)) for f, m in zip(frames, matrices)]
+        return out, faces_to_tensor(crops, device)
+    crops = torch.empty(len(out), 3, FACE_SIZE, FACE_SIZE, device=device)
+    for idx in group_by_size(frames).values():
+        images = torch.stack([out[i] for i in idx]).permute(0, 3, 1, 2).float()
+        warped = warp_affine_torch(images, np.stack([matrices[i] for i in idx]), (FACE_SIZE, FACE_SIZE))
+        crops[idx] = warped.round_().clamp_(0, 255)
+    return out, crops.div_(255.0)
+
+
+def upload_frames(frames: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """np.uint8 [H, W, 3] frames -> tensors on ``device`` (pinned, asynchronous copies on CUDA)."""
+    if device.type != "cuda":
+        return [torch.from_numpy(np.ascontiguousarray(f)) for f in frames]
+    return [torch.from_numpy(np.ascontiguousarray(f)).pin_memory().to(device, non_blocking=True) for f in frames]
+
+
+def faces_to_tensor(images: np.ndarray | Sequence[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
+    """Aligned uint8 crops [B, 512, 512, 3] (or a list of [512, 512, 3]) -> float [B, 3, 512, 512] in [0, 1]."""
+    device = torch.device(device)
+    array = torch.from_numpy(np.ascontiguousarray(np.stack(images) if not isinstance(images, np.ndarray) else images))
+    if device.type == "cuda":
+        array = array.pin_memory().to(device, non_blocking=True)
+    return array.permute(0, 3, 1, 2).float() / 255.0

@@ -212,9 +212,3 @@ def paste_back(
     if weight_full is not None:
         weight_full[:, y0:y1, x0:x1] = weight[:, 0]
     return (out, weight_full) if return_weight else out
-
-
-def faces_to_tensor(images: np.ndarray | list[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
-    """Aligned uint8 crops [B, 512, 512, 3] (or a list of [512, 512, 3]) -> float [B, 3, 512, 512] in [0, 1]."""
-    array = np.stack(images) if isinstance(images, list) else np.asarray(images)
-    return torch.from_numpy(array).to(device).permute(0, 3, 1, 2).float() / 255.0

@@ -38,7 +38,7 @@ class Student(Protocol):
 
     def start_clip(self, text_context, audio_emb, ref_latent, mask_latent) -> None: ...
 
-    def run_chunk(self, masked_video: torch.Tensor, ref_sequence: torch.Tensor) -> torch.Tensor: ...
+    def run_chunk(self, masked_video: torch.Tensor, ref_sequence: torch.Tensor, codes=None) -> torch.Tensor: ...
 
 
 class DeviceStreams:
@@ -115,7 +115,7 @@ class ChunkPipeline:
     def start_clip(
         self,
         text_context: torch.Tensor,  # [1, text_len, text_dim]
-        audio_emb: torch.Tensor,  # [1, V, audio_dim]
+        audio_emb: torch.Tensor | None,  # [1, V, audio_dim]; None: codes come with every chunk (live)
         mask_latent: torch.Tensor,  # [1, 1, 1, h, w]
     ) -> None:
         """Begin a new clip: the codecs restart their causal state; the student starts on the next submit."""
@@ -125,24 +125,44 @@ class ChunkPipeline:
         self._chunk = 0
 
     @torch.no_grad()
-    def submit(self, crops: torch.Tensor, timer: StageTimer | None = None) -> ChunkOutput:
-        """Enqueue one chunk. crops: [T, 3, H, W] in [-1, 1] on the device, made on the caller's current stream."""
+    def encode(self, crops: torch.Tensor) -> torch.Tensor:
+        """The chunk's masked and unmasked streams as one batch: crops [T, 3, H, W] in [-1, 1] -> z
+        [2, 16, l, h, w] (row 0 masked, row 1 unmasked), on the caller's stream, with the encoder's state."""
+        return self.encoder.push(torch.stack([crops * self.keep_mask, crops]))
+
+    @torch.no_grad()
+    def submit(
+        self,
+        crops: torch.Tensor | None,
+        timer: StageTimer | None = None,
+        *,
+        codes: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> ChunkOutput:
+        """Enqueue one chunk. crops: [T, 3, H, W] in [-1, 1] on the device, made on the caller's current stream;
+        or ``latents`` [2, 16, 3, h, w] already encoded (a prepared avatar: no encoder runs). codes: [1, 3,
+        audio_hidden], the chunk's audio codes when the clip was started without audio (live)."""
         s, timer = self.streams, timer or StageTimer(enabled=False)
         s.wait_current("encode")
-        with s.on("encode"), timer.stage("encode", s.stream("encode")):
-            z = self.encoder.push(torch.stack([crops * self.keep_mask, crops]))  # [2, 16, l, h, w]
+        with s.on("encode"):
+            if latents is None:
+                with timer.stage("encode", s.stream("encode")):
+                    latents = self.encode(crops)
+            z = latents
             masked, ref_seq = z[:1], z[1:]
             encoded = s.record("encode")
         with s.on("student"):
             s.wait("student", encoded)
             s.keep(z, "student")
+            if codes is not None:
+                s.keep(codes, "student")
             with timer.stage("student", s.stream("student")):
                 if self._clip is not None:
                     s.wait_current("student")
                     text, audio, mask = self._clip
                     self.student.start_clip(text, audio, ref_seq[:, :, :1], mask)
                     self._clip = None
-                x0 = self.student.run_chunk(masked, ref_seq)
+                x0 = self.student.run_chunk(masked, ref_seq, codes=codes)
                 b = self._chunk % 2
                 s.wait("student", self._slot_free[b])
                 if self._slots[b] is None:

@@ -89,7 +89,7 @@ class StreamingSampler:
     def start_clip(
         self,
         text_context: torch.Tensor,  # [B, text_len, text_dim]
-        audio_emb: torch.Tensor,  # [B, V, audio_dim], V = 1 + 4(L-1)
+        audio_emb: torch.Tensor | None,  # [B, V, audio_dim], V = 1 + 4(L-1); None: codes given per chunk (live)
         ref_latent: torch.Tensor,  # [B, 16, 1, h, w]
         mask_latent: torch.Tensor,  # [B, 1, 1, h, w], 1 = mouth
     ) -> None:
@@ -99,7 +99,8 @@ class StreamingSampler:
             if tuple(x.shape[-2:]) != (h, w):
                 raise ValueError(f"{name} is {tuple(x.shape[-2:])} latents; the stream is configured for {(h, w)}")
         dev = self.device
-        self.clip = self.model.prepare_clip(text_context.to(dev, self.model.dtype), audio_emb.to(dev, self.model.dtype))
+        audio = None if audio_emb is None else audio_emb.to(dev, self.model.dtype)
+        self.clip = self.model.prepare_clip(text_context.to(dev, self.model.dtype), audio)
         self.ref_latent = ref_latent.to(dev, torch.float32)
         self.mask_latent = mask_latent.to(dev, torch.float32)
         self.cache.reset()
@@ -112,16 +113,19 @@ class StreamingSampler:
         return 0.0
 
     @torch.no_grad()
-    def run_chunk(self, masked_video: torch.Tensor, ref_sequence: torch.Tensor) -> torch.Tensor:
+    def run_chunk(
+        self, masked_video: torch.Tensor, ref_sequence: torch.Tensor, codes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Denoise and commit the next chunk; returns its clean latent [B, 16, C, h, w] (the static student's
-        interface)."""
-        return self.denoise_chunk(masked_video, ref_sequence).x0
+        interface). codes: [B, C, audio_hidden], the chunk's audio codes when the clip has none (live audio)."""
+        return self.denoise_chunk(masked_video, ref_sequence, codes=codes).x0
 
     @property
-    def num_latent_frames(self) -> int:
+    def num_latent_frames(self) -> int | None:
+        """Latent frames the clip's audio covers (None: live audio, unbounded)."""
         if self.clip is None:
             raise RuntimeError("start_clip() first")
-        return self.clip.audio_codes.shape[1]
+        return None if self.clip.audio_codes is None else self.clip.audio_codes.shape[1]
 
     def _inputs(self, x: torch.Tensor, masked: torch.Tensor, ref_seq: torch.Tensor) -> torch.Tensor:
         """The 65 input channels [B, 65, C, h, w] (SPEC §3)."""
@@ -137,9 +141,9 @@ class StreamingSampler:
             dim=1,
         )
 
-    def _call(self, x_in: torch.Tensor, t: float, start: int, plan, write: bool) -> torch.Tensor:
+    def _call(self, x_in: torch.Tensor, t: float, start: int, plan, write: bool, codes=None) -> torch.Tensor:
         ctx = StreamingAttention(self.cache, plan, self.rope, write=write, backend=self.backend)
-        return self.model(x_in, torch.tensor(t, dtype=torch.float64), self.clip, ctx, start_frame=start)
+        return self.model(x_in, torch.tensor(t, dtype=torch.float64), self.clip, ctx, start_frame=start, codes=codes)
 
     @torch.no_grad()
     def denoise_chunk(
@@ -148,13 +152,19 @@ class StreamingSampler:
         ref_sequence: torch.Tensor,  # [B, 16, C, h, w] unmasked source latents of the chunk's frames
         noise: torch.Tensor | None = None,  # [B, 16, C, h, w] initial noise
         renoise: list[torch.Tensor] | None = None,  # one [B, 16, C, h, w] per re-noise step
+        codes: torch.Tensor | None = None,  # [B, C, audio_hidden] the chunk's audio codes (live audio)
     ) -> ChunkOutput:
         """Denoise the next chunk (two calls), commit it to the cache and return its clean latent."""
         if self.clip is None:
             raise RuntimeError("start_clip() before denoise_chunk()")
         start, c = self.next_frame, self.stream.chunk_frames
-        if start + c > self.num_latent_frames:
-            raise ValueError(f"the clip has {self.num_latent_frames} latent frames; chunk at {start} runs past it")
+        total = self.num_latent_frames
+        if codes is None and total is None:
+            raise ValueError("the clip has no audio codes (live audio): pass each chunk's codes")
+        if codes is None and start + c > total:
+            raise ValueError(f"the clip has {total} latent frames; chunk at {start} runs past it")
+        if codes is not None:
+            codes = codes.to(self.device, torch.float32)
         if masked_video.shape[2] != c or ref_sequence.shape[2] != c:
             raise ValueError(f"a chunk is {c} latent frames; got {masked_video.shape[2]} and {ref_sequence.shape[2]}")
         masked = masked_video.to(self.device)
@@ -165,7 +175,7 @@ class StreamingSampler:
         t_list = self.stream.t_list
         x0_steps, xt_steps, flows = [], [], []
         for i, t in enumerate(t_list):
-            flow = self._call(self._inputs(x, masked, ref_seq), t, start, plan, write=False)
+            flow = self._call(self._inputs(x, masked, ref_seq), t, start, plan, write=False, codes=codes)
             last = i + 1 == len(t_list)
             eps = None
             if not last:
@@ -176,7 +186,7 @@ class StreamingSampler:
             x0, x = flow_step(x, flow, t, None if last else t_list[i + 1], eps)
             if self.keep_intermediates:
                 x0_steps.append(x0)
-        self._call(self._inputs(x0, masked, ref_seq), self.stream.commit_t, start, plan, write=True)
+        self._call(self._inputs(x0, masked, ref_seq), self.stream.commit_t, start, plan, write=True, codes=codes)
         self.cache.commit()
         self.next_frame = start + c
         return ChunkOutput(start=start, x0=x0, x0_steps=x0_steps, xt_steps=xt_steps, flows=flows)

@@ -150,8 +150,9 @@ def _student_items(cfg: ModelConfig, stream: StreamConfig, dtype: torch.dtype) -
     _, start = profile(student.start_clip, text, audio, torch.zeros(1, cfg.out_dim, 1, h, w, device="meta"),
                        torch.zeros(1, 1, 1, h, w, device="meta"))
     steady = plan_chunk(10 * stream.chunk_frames, stream)
-    _, call = profile(student._call, steady, 0, False, True)
-    _, body = profile(student._chunk_body, steady)
+    rows = student._view(0, 1)
+    _, call = profile(student._call, steady, rows, 0, False, True)
+    _, body = profile(student._chunk_body, steady, rows)
     items.append(MemoryItem("activations per call", call.peak, "resident",
                             "peak transient memory of one steady-state call (inside the graph pool below)",
                             counted=False))

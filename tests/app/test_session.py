@@ -100,12 +100,12 @@ def test_worker_errors_and_misuse_reach_the_caller(networks):
     with pytest.raises(ConfigError, match="np.uint8"):
         session.push(np.zeros((4, 4), np.float32))
     session.abort()
-    with pytest.raises(ConfigError, match="after close"):
+    with pytest.raises(ConfigError, match="closed"):
         session.push(np.zeros((8, 8, 3), np.uint8))
     # a failure inside a worker thread (here: the device stage) is raised by the next call, not swallowed
     session = engine.session(synth_speech(0.9))
 
-    def broken(crops, timer=None):
+    def broken(*args, **kwargs):
         raise RuntimeError("device stage exploded")
 
     engine.pipeline.submit = broken
@@ -114,8 +114,6 @@ def test_worker_errors_and_misuse_reach_the_caller(networks):
             session.push(frame)
         session.close()
     assert not engine.busy  # the failed session released the engine
-    with pytest.raises(ConfigError, match="16 kHz"):
-        engine.session(synth_speech(0.9), sample_rate=44100)
 
 
 def test_build_engine_reports_the_path():

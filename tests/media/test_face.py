@@ -19,13 +19,14 @@ from lipforcing.engine.media.face import (
     FaceLandmarks,
     compose,
     crop_to_face_matrix,
+    faces_to_tensor,
     invert_affine,
     make_backend,
     select_face,
     similarity_transform,
     warp_affine_torch,
 )
-from lipforcing.engine.media.paste_back import edge_width, faces_to_tensor, feather, footprint_area, paste_back
+from lipforcing.engine.media.paste_back import edge_width, feather, footprint_area, paste_back
 
 cv2 = pytest.importorskip("cv2")
 from lipforcing.engine.media.face import warp_affine_cv2  # noqa: E402

@@ -1,0 +1,165 @@
+"""Prepared avatars: aligned and encoded once, equal to the unprepared path, looping for any speech length."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("av")
+pytest.importorskip("mediapipe")
+pytest.importorskip("transformers")
+
+from lipforcing.cli import main  # noqa: E402
+from lipforcing.engine.app.avatar import Avatar, latent_period, prepare_avatar  # noqa: E402
+from lipforcing.engine.app.demo import synth_speech  # noqa: E402
+from lipforcing.engine.app.engine import Engine, RunConfig, load_networks  # noqa: E402
+from lipforcing.engine.errors import ConfigError, MediaError, NoFaceError  # noqa: E402
+from lipforcing.engine.media.io import VideoReader, VideoWriter, probe, read_frames  # noqa: E402
+from lipforcing.engine.media.length import clip_length_from_samples  # noqa: E402
+
+TINY = dict(model="tiny", device="cpu", dtype="fp32", encoder="taehv")
+TINY_ARGS = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--encoder", "taehv", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def networks():
+    return load_networks(RunConfig(**TINY))
+
+
+@pytest.fixture(scope="module")
+def short_video(shared_dir, tmp_path_factory):
+    """The first 25 frames (1 s) of a shared clip."""
+    path = tmp_path_factory.mktemp("avatar") / "short.mp4"
+    src = shared_dir / "assets/clips/face3.mp4"
+    info = probe(src)
+    with VideoWriter(path, info.width, info.height) as writer:
+        for frame in read_frames(src, 25):
+            writer.write(frame)
+    return path
+
+
+@pytest.fixture(scope="module")
+def avatar(networks, short_video, tmp_path_factory):
+    prepared = prepare_avatar(short_video, Engine(RunConfig(**TINY), networks), progress=False)
+    path = prepared.save(tmp_path_factory.mktemp("lfa") / "short.lfa")
+    return Avatar.load(path), path
+
+
+def _frames_of(session, frames=None):
+    out = []
+    for f in frames or []:
+        out += session.push(f)
+    while session.frames_needed and session.frames_out < session.frames_needed and session.avatar is not None:
+        out += session.pop(timeout=1)
+    return out + session.close()
+
+
+def test_prepared_equals_unprepared_for_the_same_frames(networks, short_video, avatar):
+    avatar, _ = avatar
+    speech = synth_speech(0.9)  # N = 21 frames, inside the 25-frame video
+    engine = Engine(RunConfig(**TINY), networks)
+    plain = _frames_of(engine.session(speech), list(read_frames(short_video, 21)))
+    for pipeline in ("sequential", "streams"):
+        engine = Engine(RunConfig(**TINY, pipeline=pipeline), networks)
+        session = engine.session(speech, avatar=avatar, timing=True)
+        prepared = _frames_of(session)
+        assert len(prepared) == len(plain) == 21
+        assert all(np.array_equal(a, b) for a, b in zip(prepared, plain)), pipeline
+        stages = session.summary()["stage_seconds"]
+        assert "encode" not in stages and "face alignment" not in stages  # skipped: done once, in prepare
+
+
+def test_the_avatar_loops_forward_and_back(networks, avatar):
+    avatar, _ = avatar
+    n = avatar.n_frames
+    assert [avatar.source(i) for i in (0, n - 1, n, 2 * n - 2, 2 * n - 1)] == [0, n - 1, n - 2, 0, 1]
+    period = latent_period(n)
+    stored = avatar.masked_latents.shape[2]
+    assert period == 12 and stored >= period + 3  # 25 frames: ping-pong period 48 frames = 12 latents
+    assert [avatar.latent_index(k) for k in (5, stored, stored + period)] == \
+        [5, stored - period, stored - period]
+    speech = synth_speech(3.0)  # N = 69 frames: almost three times the video
+    session = Engine(RunConfig(**TINY), networks).session(speech, avatar=avatar)
+    out = _frames_of(session)
+    assert len(out) == clip_length_from_samples(speech.size).frames == 69
+    assert out[0].shape == avatar.frame(0).shape
+
+
+def test_an_idle_live_avatar_keeps_playing_on_silence(networks, avatar):
+    avatar, _ = avatar
+    session = Engine(RunConfig(**TINY), networks).session(avatar=avatar, lookahead=0.0)
+    t0 = 1000.0
+    assert session.keep_alive(now=t0) == []
+    out = []
+    for step in range(1, 16):  # 1.5 s of wall clock without speech
+        out += session.keep_alive(now=t0 + 0.1 * step)
+    out += session.close()
+    assert len(out) >= 21  # the avatar kept moving on silence
+
+
+def test_file_format_errors(avatar, tmp_path, networks):
+    _, path = avatar
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.lfa"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaError, match="truncated"):
+        Avatar.load(truncated)
+    with pytest.raises(MediaError, match="no such avatar"):
+        Avatar.load(tmp_path / "absent.lfa")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    future = tmp_path / "future.lfa"
+    save_file(tensors, str(future), metadata={**meta, "version": "2"})
+    with pytest.raises(MediaError, match="version 2"):
+        Avatar.load(future)
+    foreign = tmp_path / "foreign.lfa"
+    save_file({"x": torch.zeros(1)}, str(foreign), metadata={"format": "something-else"})
+    with pytest.raises(MediaError, match="not a lipforcing avatar"):
+        Avatar.load(foreign)
+    loaded = Avatar.load(path)
+    other_mask = Engine(RunConfig(**TINY), networks)
+    other_mask.keep_mask = other_mask.keep_mask.flip(0)
+    with pytest.raises(ConfigError, match="mouth mask"):
+        loaded.check_engine(other_mask)
+    loaded.config["encoder_sha256"] = "0" * 64
+    with pytest.raises(ConfigError, match="encoder weights"):
+        loaded.check_engine(Engine(RunConfig(**TINY), networks))
+
+
+def test_a_video_without_a_face_everywhere_is_refused(networks, tmp_path):
+    path = tmp_path / "blank.mp4"
+    with VideoWriter(path, 64, 48) as writer:
+        for i in range(5):
+            writer.write(np.full((48, 64, 3), 50 + i, np.uint8))
+    with pytest.raises(NoFaceError, match="frame 0"):
+        prepare_avatar(path, Engine(RunConfig(**TINY), networks), progress=False)
+
+
+def test_prepare_and_run_from_the_command_line(short_video, tmp_path, capsys):
+    lfa = tmp_path / "cli.lfa"
+    assert main(["prepare-avatar", str(short_video), "-o", str(lfa), *TINY_ARGS]) == 0
+    assert "wrote" in capsys.readouterr().out and lfa.is_file()
+    speech = tmp_path / "speech.wav"
+    import wave
+
+    pcm = (synth_speech(1.3) * 32767).astype("<i2")
+    with wave.open(str(speech), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+    out, report = tmp_path / "out.mp4", tmp_path / "r.json"
+    assert main(["run", "--avatar", str(lfa), "--audio", str(speech), "-o", str(out), "--report", str(report),
+                 *TINY_ARGS]) == 0
+    assert len(list(VideoReader(out))) == 21 and probe(out).has_audio
+    assert json.loads(report.read_text())["avatar"] is True
+    assert main(["run", "--avatar", str(lfa), "-o", str(out), *TINY_ARGS]) == 2  # an avatar needs speech
+    assert main(["run", str(short_video), "--avatar", str(lfa), "-o", str(out), *TINY_ARGS]) == 2
+    assert main(["prepare-avatar", str(short_video), "-o", str(tmp_path / "x.mp4"), *TINY_ARGS]) == 2
