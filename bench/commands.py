@@ -23,6 +23,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=int, default=None, help="timed chunks (default 20 on CUDA, 2 on CPU)")
     p.add_argument("--variants", default=",".join(ABLATION),
                    help=f"any of {', '.join([*ABLATION, *COMPILED])} (comma-separated)")
+    p.add_argument("--avatar", action="store_true", help="measure the prepared-avatar path instead of the ablation")
+    p.add_argument("--sessions", default="1,2,4", help="with --avatar: numbers of concurrent sessions")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--encoder", default=None, choices=["wan", "taehv"], help="default wan on CUDA, taehv on CPU")
@@ -50,10 +52,19 @@ def _bench(args: argparse.Namespace) -> int:
     chunks = args.chunks if args.chunks is not None else (20 if cuda else 2)
     if chunks < 1:
         raise ConfigError("--chunks must be at least 1")
+    sessions = ()
+    if args.avatar:
+        try:
+            sessions = tuple(int(v) for v in args.sessions.split(","))
+        except ValueError:
+            sessions = ()
+        if not sessions or min(sessions) < 1:
+            raise ConfigError(f"--sessions takes positive numbers separated by commas, got {args.sessions!r}")
+        variants = ()
     cfg = BenchConfig(
         model=args.model or ("1.3b" if cuda else "tiny"), ckpt=args.ckpt, device="cuda" if cuda else "cpu",
         dtype=args.dtype, encoder=args.encoder or ("wan" if cuda else "taehv"), frame_hw=(h, w), chunks=chunks,
-        variants=variants, progress=not args.quiet,
+        variants=variants, avatar_sessions=sessions, progress=not args.quiet,
     )
     baseline = None
     if args.compare:

@@ -17,10 +17,15 @@ SCHEMA = "lipforcing-bench/2"
 
 FIELDS: dict[str, str] = {
     "results": "one entry per ablation variant (reference, +kernels, +graphs, +streams, +decoder), each the "
-               "LipSync session of 'lipforcing run' on synthetic frames, alignment and paste-back included",
+               "LipSync session of 'lipforcing run' on synthetic frames, alignment and paste-back included; with "
+               "--avatar one entry per number of concurrent sessions on a prepared avatar (avatar-1, avatar-2, ...)",
+    "sessions": "avatar entries: sessions running at once on one engine (one set of weights), each in its own thread",
+    "fps_per_session": "avatar entries: each session's steady-state FPS (its chunks 2.. over its own time)",
+    "batch_sizes": "avatar entries: how many student calls ran with how many sessions in one batch",
     "fps": "steady-state output frames per second: the frames of chunks 2.. over the wall time from chunk 1's "
            "frames being handed out to the last chunk's (frames pushed as fast as the session takes them, "
-           "warm-up excluded)",
+           "warm-up excluded); avatar entries: all sessions' frames of chunks 2.. over the time from the first "
+           "session's chunk 1 to the last session's last chunk (the engine's total)",
     "fps_end_to_end": "all output frames over the wall time from the first pushed frame to the last frame out",
     "ttff_ms": "time to first frame: from pushing the clip's first frame to its first chunk's frames being handed "
                "out, on a warm engine (audio features computed before, at session start)",

@@ -32,6 +32,7 @@ import platform
 import statistics
 import subprocess
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -73,6 +74,9 @@ class BenchConfig:
     chunks: int = 8
     """Timed steady-state chunks (after chunks 0 and 1, which are shorter and cheaper)."""
     variants: tuple[str, ...] = tuple(ABLATION)
+    """Ablation variants to measure (empty with ``avatar_sessions``)."""
+    avatar_sessions: tuple[int, ...] = ()
+    """Measure the prepared-avatar path with these numbers of concurrent sessions (e.g. 1, 2, 4)."""
     progress: bool = True
 
 
@@ -267,6 +271,81 @@ def _telemetry() -> dict:
         return {"nvml": f"unavailable: {exc}"}
 
 
+def _avatar_results(cfg: BenchConfig, networks: Networks, base: RunConfig, frames, speech) -> dict:
+    """The prepared-avatar path (no detection, alignment or encoder) with 1, 2, 4 ... concurrent sessions on one
+    engine, each session in its own thread with its own speech."""
+    import tempfile
+    import threading
+
+    from ..engine.app.avatar import prepare_avatar
+    from ..engine.media.io import VideoWriter
+
+    device = torch.device(cfg.device)
+    fast, _ = variant_config("+decoder", base, device)
+    with tempfile.TemporaryDirectory(prefix="lipforcing-bench-") as tmp:
+        video = Path(tmp) / "avatar.mp4"
+        with VideoWriter(video, frames[0].shape[1], frames[0].shape[0]) as writer:
+            for frame in frames[:33]:  # a short avatar: it loops forward and back
+                writer.write(frame)
+        prep = Engine(fast, networks)
+        avatar = prepare_avatar(video, prep, progress=False)
+        prep.close()
+    results = {}
+    for n in cfg.avatar_sessions:
+        engine = Engine(replace(fast, max_sessions=n), networks)
+        warm = engine.warm_up()
+        runs, errors = [None] * n, []
+
+        def one(i, engine=engine, runs=runs, errors=errors):
+            try:
+                s = engine.session(synth_speech(len(speech) / 16000, seed=i), avatar=avatar, timing=True)
+                began = time.perf_counter()
+                while s.frames_out < s.frames_needed:
+                    s.pop(timeout=0.05)
+                s.close()
+                runs[i] = dict(began=began, ended=time.perf_counter(), done=list(s.chunk_done), frames=s.frames_out,
+                               stages={k: list(v) for k, v in s.timer.samples.items()})
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        per_session = [12 * (len(r["done"]) - 2) / (r["done"][-1] - r["done"][1]) for r in runs]
+        steady_frames = sum(12 * (len(r["done"]) - 2) for r in runs)
+        steady_s = max(r["done"][-1] for r in runs) - min(r["done"][1] for r in runs)
+        began, ended = min(r["began"] for r in runs), max(r["ended"] for r in runs)
+        stages = {k: round(1e3 * statistics.median([x for r in runs for x in r["stages"].get(k, [])[2:]]), 3)
+                  for k in runs[0]["stages"] if k != "audio features" and len(runs[0]["stages"][k]) > 2}
+        result = {
+            "sessions": n,
+            "fps": round(steady_frames / steady_s, 3),
+            "fps_per_session": [round(f, 3) for f in per_session],
+            "fps_end_to_end": round(sum(r["frames"] for r in runs) / (ended - began), 3),
+            "ttff_ms": round(1e3 * statistics.median(r["done"][0] - r["began"] for r in runs), 3),
+            "chunk_ms": round(1e3 * statistics.median((r["done"][-1] - r["done"][1]) / (len(r["done"]) - 2)
+                                                     for r in runs), 3),
+            "stage_ms": stages,
+            "frames": sum(r["frames"] for r in runs),
+            "chunks": sum(len(r["done"]) for r in runs),
+            "warm_up_s": round(warm, 3),
+            "batch_sizes": dict(sorted(Counter(engine.batcher.batches).items())) if engine.batcher else {1: "all"},
+            "path": {**engine.path, "avatar": True},
+        }
+        if device.type == "cuda":
+            result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        results[f"avatar-{n}"] = result
+        engine.close()
+    return results
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure every variant of ``cfg`` in this process; returns the report (schema ``SCHEMA``)."""
     from tqdm import tqdm
@@ -276,6 +355,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     base = RunConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, encoder=cfg.encoder, decoder=cfg.decoder)
     frames, speech = synthetic_clip(cfg.frame_hw, cfg.chunks + 2)
     results, seen_paths = {}, []
+    if cfg.avatar_sessions:
+        results.update(_avatar_results(cfg, networks, base, frames, speech))
     with tqdm(total=len(cfg.variants), unit="variant", desc="bench", disable=not cfg.progress) as bar:
         for name in cfg.variants:
             run_cfg, skipped = variant_config(name, base, device)
@@ -286,7 +367,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             else:
                 seen_paths.append(engine.path)
                 results[name] = {**_measure(engine, frames, speech), "skipped": skipped}
-            del engine
+            engine.close()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             bar.update(1)
@@ -305,7 +386,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             "torch": torch.__version__,
         },
         "config": {**asdict(cfg), "frame_hw": list(cfg.frame_hw), "variants": list(cfg.variants),
-                   "commit": _commit()},
+                   "avatar_sessions": list(cfg.avatar_sessions), "commit": _commit()},
         "results": results,
     }
 
@@ -319,6 +400,10 @@ def format_report(report: dict) -> str:
             lines.append(f"{name:>10}: same path as {res['same_path_as']} here ({'; '.join(res['skipped'])})")
             continue
         stages = ", ".join(f"{k} {v:.1f}" for k, v in res["stage_ms"].items())
+        if "sessions" in res:
+            lines.append(f"{name:>10}: {res['fps']:.2f} FPS in total, per session "
+                         f"{', '.join(f'{f:.2f}' for f in res['fps_per_session'])}; stages (ms per chunk) {stages}")
+            continue
         speed = f", x{res['speedup_vs_reference']:.2f} vs reference" if "speedup_vs_reference" in res else ""
         lines.append(f"{name:>10}: {res['fps']:.2f} FPS, TTFF {res['ttff_ms']:.0f} ms, stages (ms per chunk) "
                      f"{stages}{speed}")

@@ -38,7 +38,9 @@ import torch
 
 from ..errors import ConfigError, MediaError, NoFaceError
 from ..media.face import frames_and_crops, invert_affine
+from ..media.io import VideoReader
 from ..media.length import ping_pong_indices
+from .session import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
 
 AVATAR_FORMAT = "lipforcing-avatar"
 AVATAR_VERSION = 1
@@ -168,14 +170,19 @@ def latent_period(frames: int) -> int:
 @torch.no_grad()
 def prepare_avatar(video: str | Path, engine, *, progress: bool = True) -> Avatar:
     """Align every frame of ``video`` (25 fps), encode the played sequence's latents; nothing is written."""
-    from ..media.io import VideoReader
-    from .session import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
+    parts = engine.acquire_parts()  # an aligner, an encoder and the pipeline's batch-of-two encode
+    try:
+        return _prepare(video, engine, parts, progress)
+    finally:
+        engine.release_parts(parts)
 
-    engine.aligner.reset()
+
+def _prepare(video, engine, parts, progress: bool) -> Avatar:
+    parts.aligner.reset()
     frames_png, crops_png, matrices = [], [], []
     with VideoReader(video) as reader:
         for i, frame in enumerate(_bar(reader, progress, "align")):
-            where = engine.aligner.locate(frame)
+            where = parts.aligner.locate(frame)
             if where is None:
                 raise NoFaceError(f"{video}: no face in frame {i} ({i / 25:.2f} s); every frame of an avatar needs "
                                   "one: trim the video")
@@ -187,7 +194,7 @@ def prepare_avatar(video: str | Path, engine, *, progress: bool = True) -> Avata
     period = latent_period(n)
     stored = 3 * math.ceil((period + 3) / 3)  # one pass, then one period to wrap around in
     played = ping_pong_indices(n, 1 + 4 * (stored - 1))
-    engine.encoder.reset()
+    parts.encoder.reset()
     masked, ref, start = [], [], 0
     chunks = range(stored // 3)
     for b in _bar(chunks, progress, "encode"):
@@ -195,11 +202,11 @@ def prepare_avatar(video: str | Path, engine, *, progress: bool = True) -> Avata
         idx = played[start : start + size]
         crops = torch.stack([torch.from_numpy(_decode(crops_png[i])) for i in idx]).permute(0, 3, 1, 2)
         crops = crops.to(engine.device).float().div_(255.0)
-        z = engine.pipeline.encode(crops * 2 - 1).float().cpu()  # [2, 16, 3, h, w]
+        z = parts.pipeline.encode(crops * 2 - 1).float().cpu()  # [2, 16, 3, h, w]
         masked.append(z[:1])
         ref.append(z[1:])
         start += size
-    engine.encoder.reset()
+    parts.encoder.reset()
     from ...compile.decoder import weights_digest
 
     matrices_np = np.stack(matrices)

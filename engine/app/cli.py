@@ -78,6 +78,8 @@ def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", default="taehv", choices=["taehv", "wan"])
     p.add_argument("--peak-tflops", type=float, default=None, help="matrix rate used for the compute floor")
     p.add_argument("--memory", action="store_true", help="the device-memory plan, item by item")
+    p.add_argument("--sessions", type=int, default=None, help="the memory plan of this many sessions on one engine")
+    p.add_argument("--avatar", action="store_true", help="the memory plan of sessions on prepared avatars")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.set_defaults(run=_info)
 
@@ -88,10 +90,13 @@ def _info(args: argparse.Namespace) -> int:
     cfg = _model_config(args.model)
     stream = _stream_config(args.height, args.width)
     dtype = parse_dtype(args.dtype)
-    if args.memory:
+    if args.sessions is not None and args.sessions < 1:
+        raise ConfigError(f"--sessions must be at least 1, got {args.sessions}")
+    if args.memory or args.sessions or args.avatar:
         from ..tools.memory import format_plan, memory_plan
 
-        plan = memory_plan(cfg, stream, dtype=dtype, encoder=args.encoder, decoder=args.decoder)
+        plan = memory_plan(cfg, stream, dtype=dtype, encoder=args.encoder, decoder=args.decoder,
+                           sessions=args.sessions or 1, avatar=args.avatar)
         print(json.dumps(plan) if args.json else format_plan(args.model, plan))
         return 0
     from ..tools.info import DEFAULT_PEAK_TFLOPS, format_info, info_dict, model_info

@@ -18,6 +18,7 @@ set of weights. An engine runs one session at a time.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,8 @@ class RunConfig:
     """Run the face detector every k frames and track landmarks in between."""
     seed: int = 0
     """Seed of the sampler's noise (and of the tiny model's random weights)."""
+    max_sessions: int = 1
+    """Sessions that may run at once on the engine's weights (their student calls are batched)."""
 
     def __post_init__(self) -> None:
         if not self.device:
@@ -108,6 +111,10 @@ class RunConfig:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {SCHEDULERS}")
         if self.pipeline not in PIPELINES:
             raise ConfigError(f"unknown pipeline {self.pipeline!r}; choose one of {PIPELINES}")
+        if self.max_sessions < 1:
+            raise ConfigError(f"max_sessions must be at least 1, got {self.max_sessions}")
+        if self.max_sessions > 1 and self.scheduler != "static":
+            raise ConfigError("several sessions at once need the static scheduler")
         if self.compile and self.scheduler != "static":
             raise ConfigError("--compile needs the static scheduler")
         if self.cuda_graphs and (self.scheduler != "static" or not self.device.startswith("cuda")):
@@ -239,36 +246,94 @@ def load_text_embeds(path: str, cfg: ModelConfig) -> torch.Tensor:
     return x.float()
 
 
+@dataclass(eq=False)
+class SessionParts:
+    """What one session owns: codec states, its chunk pipeline and device streams, its face aligner."""
+
+    streams: DeviceStreams
+    encoder: object
+    decoder: object
+    pipeline: ChunkPipeline
+    aligner: FaceAligner
+    in_use: bool = False
+
+
 class Engine:
-    """Every part a session needs, built once from ``Networks`` and a ``RunConfig``."""
+    """Every part a session needs, built once from ``Networks`` and a ``RunConfig``. Up to ``max_sessions``
+    sessions run at once, sharing the weights and, batched when they can be, the student's calls."""
 
     def __init__(self, config: RunConfig, networks: Networks) -> None:
         self.config, self.networks = config, networks
         self.device = device = torch.device(config.device)
         persist_triton_autotuning()
         self.stream = StreamConfig.for_resolution(FACE_SIZE, FACE_SIZE)
-        self.streams = DeviceStreams(device, enabled=config.pipeline == "streams")
         if config.scheduler == "static":
-            self.student = StaticStudent(networks.student, self.stream, backend=config.backend, seed=config.seed,
-                                         cuda_graphs=config.cuda_graphs, compile=config.compile)
+            self.student = StaticStudent(networks.student, self.stream, slots=config.max_sessions,
+                                         backend=config.backend, seed=config.seed, cuda_graphs=config.cuda_graphs,
+                                         compile=config.compile)
         else:
             self.student = StreamingSampler(networks.student, self.stream, backend=config.backend, seed=config.seed)
-        self.encoder = make_encoder(config.encoder, vae=networks.vae, taehv=networks.taehv,
-                                    group_frames=config.encoder_group_frames)
-        self.decoder = self._make_decoder()
+        self.batcher = None
+        if config.max_sessions > 1:
+            from ..runtime.batcher import StudentBatcher
+
+            self.batcher = StudentBatcher(self.student, gather_s=0.002 if device.type == "cuda" else 0.02)
         keep = load_mask(config.mask) if config.mask else mouth_mask01()
         self.keep_mask = keep  # [256, 256] (or the user's size), 1 = keep
         self.keep_pixels = pixel_mask(keep, FACE_SIZE).to(device)  # [512, 512] {0, 1}: masked stream
         self.soft_mask = soft_mask(keep, FACE_SIZE).to(device)  # [512, 512] paste-back blend
         self.mask_latent = latent_mask_channel(keep, self.stream.latent_h, self.stream.latent_w).to(device)
-        self.pipeline = ChunkPipeline(self.student, self.encoder, self.decoder, self.keep_pixels, streams=self.streams)
-        self.aligner = FaceAligner(face_box=config.face_box, detect_every=config.detect_every,
-                                   warp="torch" if device.type == "cuda" else "cv2", device=device)
+        self.parts: list[SessionParts] = [self._make_parts()]
+        self._lock = threading.RLock()  # sessions start and end from any thread
         self.warmed_up = False
-        self.busy = False
         log.info("lipforcing: engine %s", self.path)
 
-    def _make_decoder(self):
+    def _make_parts(self) -> SessionParts:
+        cfg, nets = self.config, self.networks
+        streams = DeviceStreams(self.device, enabled=cfg.pipeline == "streams")
+        encoder = make_encoder(cfg.encoder, vae=nets.vae, taehv=nets.taehv, group_frames=cfg.encoder_group_frames)
+        decoder = self._make_decoder(streams)
+        pipeline = ChunkPipeline(self.student, encoder, decoder, self.keep_pixels, streams=streams)
+        aligner = FaceAligner(face_box=cfg.face_box, detect_every=cfg.detect_every,
+                              warp="torch" if self.device.type == "cuda" else "cv2", device=self.device)
+        return SessionParts(streams=streams, encoder=encoder, decoder=decoder, pipeline=pipeline, aligner=aligner)
+
+    # the first session's parts (a single-session engine has only these)
+    streams = property(lambda self: self.parts[0].streams)
+    encoder = property(lambda self: self.parts[0].encoder)
+    decoder = property(lambda self: self.parts[0].decoder)
+    pipeline = property(lambda self: self.parts[0].pipeline)
+    aligner = property(lambda self: self.parts[0].aligner)
+
+    @property
+    def busy(self) -> bool:
+        """Every session slot is taken."""
+        return all(p.in_use for p in self.parts) and len(self.parts) >= self.config.max_sessions
+
+    def acquire_parts(self) -> SessionParts:
+        """A free set of session parts (ConfigError when ``max_sessions`` sessions run already)."""
+        with self._lock:
+            free = next((p for p in self.parts if not p.in_use), None)
+            if free is None:
+                if len(self.parts) >= self.config.max_sessions:
+                    raise ConfigError(f"this engine already runs {self.config.max_sessions} session(s); close one "
+                                      "first (or build the engine with a larger max_sessions)")
+                free = self._make_parts()
+                self.parts.append(free)
+            free.in_use = True
+        if self.batcher is not None:
+            free.pipeline.student = self.batcher.session()
+        return free
+
+    def release_parts(self, parts: SessionParts) -> None:
+        with self._lock:
+            if not parts.in_use:
+                return
+            if self.batcher is not None:
+                parts.pipeline.student.close()
+            parts.in_use = False
+
+    def _make_decoder(self, streams: DeviceStreams):
         cfg, nets = self.config, self.networks
         backend = cfg.decoder_backend or ("auto" if self.device.type == "cuda" else "torch")
         if cfg.decoder != "taehv" or backend == "torch":
@@ -279,7 +344,7 @@ class Engine:
         from ...compile.decoder import make_decoder_backend
 
         return make_decoder_backend(nets.taehv, backend, latent_hw=(self.stream.latent_h, self.stream.latent_w),
-                                    device=self.device, compiled_dir=cfg.compiled, stream=self.streams.stream("decode"),
+                                    device=self.device, compiled_dir=cfg.compiled, stream=streams.stream("decode"),
                                     group_latents=cfg.decoder_group_latents)
 
     @property
@@ -298,6 +363,7 @@ class Engine:
             "decoder_backend": self.decoder.backend,
             "device": str(self.device),
             "model": self.config.model,
+            "max_sessions": self.config.max_sessions,
             "dtype": "fp32" if self.config.model == "tiny" else self.config.dtype,
         }
 
@@ -310,6 +376,10 @@ class Engine:
     def warm_up(self) -> float:
         """Tune the kernels and capture the graphs of every window shape on dummy data, and run the codecs once,
         before the first real chunk. Returns the seconds spent (0 when there is nothing to prepare)."""
+        with self._lock:
+            return self._warm_up()
+
+    def _warm_up(self) -> float:
         if not self.needs_warm_up:
             self.warmed_up = True
             return 0.0
@@ -340,6 +410,11 @@ class Engine:
 
         return LipSync(self, speech, sample_rate=sample_rate, timing=timing, lookahead=lookahead,
                        context=DEFAULT_CONTEXT_S if context is None else context, avatar=avatar)
+
+    def close(self) -> None:
+        """Stop the engine's worker thread (several sessions); its sessions must have ended."""
+        if self.batcher is not None:
+            self.batcher.shutdown()
 
     def release_audio_encoder(self) -> None:
         """Free wav2vec2 (it is loaded again by the next session)."""

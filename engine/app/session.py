@@ -120,15 +120,42 @@ class LipSync:
     ) -> None:
         """speech: float [S] mono at ``sample_rate`` (the whole clip), or None (live: ``push_audio``).
         lookahead / context: seconds of speech after / before a chunk for its features (live mode)."""
-        if engine.busy:
-            raise ConfigError("this engine already runs a session; close it first (one session per engine)")
         self.engine = engine
         self.timer = StageTimer(enabled=timing)
         self.avatar = avatar
         if avatar is not None:
             avatar.check_engine(engine)
         engine.warm_up()
-        engine.aligner.reset()
+        self.parts = engine.acquire_parts()  # codec states, pipeline, streams and aligner of this session
+        try:
+            self._init_speech(speech, sample_rate, lookahead, context)
+        except BaseException:
+            engine.release_parts(self.parts)
+            raise
+        self.parts.aligner.reset()
+        self._pending: list[tuple[np.ndarray, FaceTransform | None]] = []
+        self._accepted = 0  # source frames taken into the session
+        self._align_s = 0.0  # face location time of the pending frames
+        self._running = False  # the model is inside a clip (the next chunk is 12 frames)
+        self._avatar_chunks = 0  # chunks of the avatar handed to the device stage
+        self._ready: deque[_Piece] = deque()  # sequential path: chunks waiting for their audio
+        self._out: deque[np.ndarray] = deque()
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._finished = threading.Event()
+        self._closed = False
+        self.faces_found = 0
+        self.frames_out = 0
+        self.chunks_run = 0
+        self.frames_passed_through = 0
+        self.chunk_done: list[float] = []  # perf_counter when each chunk's frames were handed out
+        self._threads: list[threading.Thread] = []
+        if engine.config.pipeline == "streams":
+            self._start_workers()
+
+    def _init_speech(self, speech, sample_rate: int, lookahead: float | None, context: float) -> None:
+        engine = self.engine
         self.live = speech is None or lookahead is not None
         self._speech = SpeechBuffer()
         self._speech_lock = threading.Condition()
@@ -147,27 +174,6 @@ class LipSync:
                 features = engine.networks.audio(self._speech.window(0, self._speech.samples), self.length.frames)
             self._check_audio_dim(features)
             self._features = features.to(engine.device)  # [N, audio_dim]
-        self._pending: list[tuple[np.ndarray, FaceTransform | None]] = []
-        self._accepted = 0  # source frames taken into the session
-        self._align_s = 0.0  # face location time of the pending frames
-        self._running = False  # the model is inside a clip (the next chunk is 12 frames)
-        self._avatar_chunks = 0  # chunks of the avatar handed to the device stage
-        self._ready: deque[_Piece] = deque()  # sequential path: chunks waiting for their audio
-        self._out: deque[np.ndarray] = deque()
-        self._cond = threading.Condition()
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
-        self._finished = threading.Event()
-        self._closed = False
-        self.faces_found = 0
-        self.frames_out = 0
-        self.chunks_run = 0
-        self.frames_passed_through = 0
-        self.chunk_done: list[float] = []  # perf_counter when each chunk's frames were handed out
-        engine.busy = True
-        self._threads: list[threading.Thread] = []
-        if engine.config.pipeline == "streams":
-            self._start_workers()
 
     # --- public API -----------------------------------------------------------------------------------
 
@@ -308,7 +314,7 @@ class LipSync:
         if self.length is not None and self._accepted >= self.length.frames:
             return []  # beyond the clip's length (SPEC §6): ignored
         began = time.perf_counter()
-        where = self.engine.aligner.locate(item)
+        where = self.parts.aligner.locate(item)
         self._align_s += time.perf_counter() - began
         self.faces_found += where is not None and not where.reused
         self._pending.append((item, where))
@@ -456,11 +462,12 @@ class LipSync:
                 if piece.real <= 0:
                     return []
         engine = self.engine
-        with torch.no_grad(), engine.streams.on("encode"):
+        parts = self.parts
+        with torch.no_grad(), parts.streams.on("encode"):
             codes = self._live_codes(piece) if self.live else None
             if piece.clip_start is not None:
                 audio = None if self.live else self._audio_from(piece.clip_start)
-                engine.pipeline.start_clip(engine.networks.text_context, audio, engine.mask_latent)
+                parts.pipeline.start_clip(engine.networks.text_context, audio, engine.mask_latent)
             latents = None
             if piece.avatar_chunk is not None:
                 b, avatar = piece.avatar_chunk, self.avatar
@@ -471,7 +478,7 @@ class LipSync:
                 matrices = [t.matrix for t in _fill_gaps(piece.transforms)]  # a frame without a face borrows one
                 frames, crops = frames_and_crops(piece.frames, matrices, engine.device)
             piece.device["frames"], piece.device["crops"] = frames, crops
-            piece.device["output"] = engine.pipeline.submit(None if latents is not None else crops * 2 - 1,
+            piece.device["output"] = parts.pipeline.submit(None if latents is not None else crops * 2 - 1,
                                                             self.timer, codes=codes, latents=latents)
         return [piece]
 
@@ -482,7 +489,7 @@ class LipSync:
         if not piece.model:
             self.frames_passed_through += piece.real
             return [piece.frames[: piece.real]]
-        engine, streams = self.engine, self.engine.streams
+        engine, streams = self.engine, self.parts.streams
         output: ChunkOutput = piece.device["output"]
         out = list(piece.frames[: piece.real])
         with streams.on("finish"):
@@ -612,7 +619,7 @@ class LipSync:
     def _end(self) -> None:
         if not self._closed:
             self._closed = True
-            self.engine.busy = False
+            self.engine.release_parts(self.parts)
 
 
 def _check_frame(frame) -> np.ndarray:

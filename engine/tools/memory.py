@@ -118,9 +118,12 @@ class MemoryItem:
     note: str
     counted: bool = True
     """False for an item already inside another one (shown for information)."""
+    sessions: int = 0
+    """How many sessions' worth the item holds (0: shared by every session, like the weights)."""
 
 
-def _student_items(cfg: ModelConfig, stream: StreamConfig, dtype: torch.dtype) -> tuple[list[MemoryItem], int]:
+def _student_items(cfg: ModelConfig, stream: StreamConfig, dtype: torch.dtype,
+                   sessions: int) -> tuple[list[MemoryItem], int]:
     with torch.device("meta"):
         model = CausalWanStudent(cfg).to(dtype)
     text_only = {id(p) for m in model.text_modules() for p in m.parameters()}
@@ -133,74 +136,82 @@ def _student_items(cfg: ModelConfig, stream: StreamConfig, dtype: torch.dtype) -
                    f"{sum(p.numel() for p in text):,} parameters (text embedding, cross-attention k/v): on the "
                    "device only while a new text's K/V are computed, then in host memory"),
     ]
-    student = StaticStudent(model, stream, backend="triton", seed=None, cuda_graphs=False)
+    student = StaticStudent(model, stream, slots=sessions, backend="triton", seed=None, cuda_graphs=False)
+    n = sessions
     items.append(MemoryItem("KV cache", student.cache.nbytes, "resident",
                             f"{student.cache.capacity} frames (sink + what the next chunk sees), K and V, "
-                            f"{cfg.num_layers} layers"))
+                            f"{cfg.num_layers} layers, per session", sessions=n))
     items.append(MemoryItem("text K/V", tensor_bytes(student.text_kv), "resident",
-                            "cross-attention keys and values of the clip's text, every layer"))
-    static = tensor_bytes(student.x_in, student.noise, student.renoise, student.x0, student.codes,
-                          student.modulations, student.rope.angles)
+                            "cross-attention keys and values of the clip's text, every layer, per session", sessions=n))
+    static = tensor_bytes(student.x_in, student.noise, student.renoise, student.x0, student.codes)
     items.append(MemoryItem("scheduler buffers", static, "resident",
-                            "65-channel input, noise, x0, audio codes, time modulations, RoPE table"))
+                            "65-channel input, noise, x0 and audio codes, per session", sessions=n))
+    items.append(MemoryItem("time and RoPE tables", tensor_bytes(student.modulations, student.rope.angles), "resident",
+                            "the three calls' time modulations and the window's rotation angles"))
     h, w = stream.latent_h, stream.latent_w
     latents = 3 * stream.chunk_frames
     text = torch.zeros(1, cfg.text_len, cfg.text_dim, device="meta")
     audio = torch.zeros(1, 1 + cfg.audio_frames_per_latent * (latents - 1), cfg.audio_dim, device="meta")
+    slot = student.open_slot() if n > 1 else None
     _, start = profile(student.start_clip, text, audio, torch.zeros(1, cfg.out_dim, 1, h, w, device="meta"),
-                       torch.zeros(1, 1, 1, h, w, device="meta"))
+                       torch.zeros(1, 1, 1, h, w, device="meta"), slot=slot)
     steady = plan_chunk(10 * stream.chunk_frames, stream)
-    rows = student._view(0, 1)
+    rows = student._view(0, n)  # every session in one steady-state batch: the largest call
     _, call = profile(student._call, steady, rows, 0, False, True)
     _, body = profile(student._chunk_body, steady, rows)
+    batch = f", {n} sessions in one batch" if n > 1 else ""
     items.append(MemoryItem("activations per call", call.peak, "resident",
-                            "peak transient memory of one steady-state call (inside the graph pool below)",
-                            counted=False))
+                            f"peak transient memory of one steady-state call{batch} (inside the graph pool below)",
+                            counted=False, sessions=n))
     items.append(MemoryItem("graph pool", body.peak, "resident",
                             "transient memory of a chunk's two denoising calls, updates and commit call: what "
-                            "the CUDA graphs' private pool holds"))
+                            f"the CUDA graphs' private pool holds{batch}", sessions=n))
     return items, start.peak
 
 
-def _codec_items(stream: StreamConfig, dtype: torch.dtype, encoder: str, decoder: str,
-                 group_frames: int | None, group_latents: int | None) -> list[MemoryItem]:
+def _codec_items(stream: StreamConfig, dtype: torch.dtype, encoder: str | None, decoder: str,
+                 group_frames: int | None, group_latents: int | None, sessions: int) -> list[MemoryItem]:
+    """Codec weights (shared) and each session's codec state and transient memory (``encoder=None``: a prepared
+    avatar, no encoder runs)."""
     items = []
     h, w = stream.latent_h * 8, stream.latent_w * 8
     with torch.device("meta"):
         vae = WanVAE(WanVAEConfig()).to(dtype) if "wan" in (encoder, decoder) else None
         taehv = TAEHV(TAEHVConfig()).to(dtype) if "taehv" in (encoder, decoder) else None
-    if encoder == "wan":
-        enc_weights = tensor_bytes(list(vae.encoder.parameters()), list(vae.conv1.parameters()))
-    else:
-        enc_weights = tensor_bytes(list(taehv.encoder.parameters()))
     dec_model = vae if decoder == "wan" else taehv
     dec_weights = tensor_bytes(list(dec_model.decoder.parameters()))
     if decoder == "wan":
         dec_weights += tensor_bytes(list(vae.conv2.parameters()))
-    items.append(MemoryItem(f"{encoder} encoder weights", enc_weights, "resident", "the part of the codec in use"))
+    each = f" per session x {sessions}" if sessions > 1 else ""
+    if encoder is not None:
+        enc_model = vae if encoder == "wan" else taehv
+        enc_weights = tensor_bytes(list(enc_model.encoder.parameters()))
+        if encoder == "wan":
+            enc_weights += tensor_bytes(list(vae.conv1.parameters()))
+        items.append(MemoryItem(f"{encoder} encoder weights", enc_weights, "resident", "the part of the codec in use"))
+        enc = LatentEncoder(encoder, enc_model, group_frames=group_frames)
+
+        def encode_two_chunks():
+            first = enc.push(torch.zeros(2, 9, 3, h, w, device="meta"))
+            return first, enc.push(torch.zeros(2, 12, 3, h, w, device="meta"))
+
+        _, live = profile(encode_two_chunks)
+        groups = f", in groups of {group_frames} frames" if group_frames else ""
+        items.append(MemoryItem(f"{encoder} encoder peak", live.peak * sessions, "streaming",
+                                f"causal state and transient memory of encoding a chunk's masked and unmasked "
+                                f"streams (batch of two{groups}){each}", sessions=sessions))
     items.append(MemoryItem(f"{decoder} decoder weights", dec_weights, "resident", "the part of the codec in use"))
-
-    enc = LatentEncoder(encoder, vae if encoder == "wan" else taehv, group_frames=group_frames)
-
-    def encode_two_chunks():
-        first = enc.push(torch.zeros(2, 9, 3, h, w, device="meta"))
-        return first, enc.push(torch.zeros(2, 12, 3, h, w, device="meta"))
-
-    _, live = profile(encode_two_chunks)
-    groups = f", in groups of {group_frames} frames" if group_frames else ""
-    items.append(MemoryItem(f"{encoder} encoder peak", live.peak, "streaming",
-                            f"causal state and transient memory of encoding a chunk's masked and unmasked streams "
-                            f"(batch of two{groups})"))
     dec = LatentDecoder(decoder, dec_model, group_latents=group_latents)
     z = torch.zeros(1, 16, stream.chunk_frames, stream.latent_h, stream.latent_w, device="meta")
     _, live = profile(lambda: (dec.push(z), dec.push(z)))
     one = f", {group_latents} latent(s) at a time" if group_latents else ""
-    items.append(MemoryItem(f"{decoder} decoder peak", live.peak, "streaming",
-                            f"causal state and transient memory of decoding a chunk{one}"))
+    items.append(MemoryItem(f"{decoder} decoder peak", live.peak * sessions, "streaming",
+                            f"causal state and transient memory of decoding a chunk{one}{each}", sessions=sessions))
     return items
 
 
-def _media_items(stream: StreamConfig, frame_hw: tuple[int, int], chunks_in_flight: int) -> list[MemoryItem]:
+def _media_items(stream: StreamConfig, frame_hw: tuple[int, int], chunks_in_flight: int,
+                 sessions: int) -> list[MemoryItem]:
     """Source frames, crops and decoded faces of the chunks in flight, and paste-back's working memory
     (profiled: a face of a third of the frame height, slightly rotated)."""
     import numpy as np
@@ -218,9 +229,10 @@ def _media_items(stream: StreamConfig, frame_hw: tuple[int, int], chunks_in_flig
     faces = torch.zeros(frames, 3, size, size, device="meta")
     mask = soft_mask(mouth_mask01(), size).to("meta")
     _, live = profile(paste_back, source, faces, faces, mask, np.repeat(inverse[None], frames, 0))
-    return [MemoryItem("frames in flight", held * chunks_in_flight + live.peak, "streaming",
+    each = f", per session x {sessions}" if sessions > 1 else ""
+    return [MemoryItem("frames in flight", (held * chunks_in_flight + live.peak) * sessions, "streaming",
                        f"{chunks_in_flight} chunks of {w}x{h} source frames, crops and decoded faces, and one "
-                       "chunk's paste-back")]
+                       f"chunk's paste-back{each}", sessions=sessions)]
 
 
 def _audio_items(num_frames: int) -> list[MemoryItem]:
@@ -251,25 +263,36 @@ def memory_plan(
     frame_hw: tuple[int, int] = (1080, 1920),
     chunks_in_flight: int = 3,
     clip_seconds: float = 60.0,
+    sessions: int = 1,
+    avatar: bool = False,
 ) -> dict:
-    """The device-memory budget of one session, item by item (bytes), with ``total_bytes``. The defaults are
-    the engine's (codecs in the released procedure's groups, 1080p frames, three chunks in flight)."""
-    items, start_peak = _student_items(cfg, stream, dtype)
-    items += _codec_items(stream, dtype, encoder, decoder, encoder_group_frames, decoder_group_latents)
-    items += _media_items(stream, frame_hw, chunks_in_flight)
+    """The device-memory budget of ``sessions`` sessions on one engine, item by item (bytes), with
+    ``total_bytes`` and ``per_session_bytes`` (what each session adds). ``avatar``: prepared avatars, no
+    encoder. The defaults are the engine's (codecs in the released procedure's groups, 1080p frames, three
+    chunks in flight)."""
+    if sessions < 1:
+        raise ValueError(f"sessions must be at least 1, got {sessions}")
+    items, start_peak = _student_items(cfg, stream, dtype, sessions)
+    items += _codec_items(stream, dtype, None if avatar else encoder, decoder, encoder_group_frames,
+                          decoder_group_latents, sessions)
+    items += _media_items(stream, frame_hw, chunks_in_flight, sessions)
     items.append(MemoryItem("clip conditioning", start_peak, "clip start",
                             "text embedding and text K/V computed once per clip"))
     items += _audio_items(int(clip_seconds * 25))
+
     def phase(name: str) -> int:
         return sum(i.bytes for i in items if i.phase == name and i.counted)
 
     resident, streaming, clip_start = phase("resident"), phase("streaming"), phase("clip start")
     total = resident + max(streaming, clip_start)
+    per_session = sum(i.bytes for i in items if i.sessions and i.counted) // sessions
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "latent_hw": [stream.latent_h, stream.latent_w],
-        "encoder": encoder,
+        "encoder": None if avatar else encoder,
         "decoder": decoder,
+        "sessions": sessions,
+        "per_session_bytes": per_session,
         "items": [asdict(i) for i in items],
         "resident_bytes": resident,
         "streaming_bytes": streaming,
@@ -281,12 +304,14 @@ def memory_plan(
 
 
 def format_plan(name: str, plan: dict) -> str:
+    encoder = f"{plan['encoder']} encoder" if plan["encoder"] else "prepared avatars (no encoder)"
     lines = [f"memory plan of model {name} ({plan['dtype']}, {plan['latent_hw'][0] * 8}x{plan['latent_hw'][1] * 8}, "
-             f"{plan['encoder']} encoder, {plan['decoder']} decoder)"]
+             f"{encoder}, {plan['decoder']} decoder, {plan['sessions']} session(s))"]
     for item in plan["items"]:
         lines.append(f"  {item['name']:<24} {item['bytes'] / GIB:8.3f} GiB  [{item['phase']}] {item['note']}")
     lines.append(f"  {'resident':<24} {plan['resident_bytes'] / GIB:8.3f} GiB")
     lines.append(f"  {'+ streaming phase':<24} {plan['streaming_bytes'] / GIB:8.3f} GiB")
     lines.append(f"  {'| clip-start phase':<24} {plan['clip_start_bytes'] / GIB:8.3f} GiB")
     lines.append(f"  {'total':<24} {plan['total_bytes'] / GIB:8.3f} GiB ({plan['total_bytes'] / 1e9:.2f} GB)")
+    lines.append(f"  {'each session adds':<24} {plan['per_session_bytes'] / GIB:8.3f} GiB")
     return "\n".join(lines)

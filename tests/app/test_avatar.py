@@ -163,3 +163,34 @@ def test_prepare_and_run_from_the_command_line(short_video, tmp_path, capsys):
     assert main(["run", "--avatar", str(lfa), "-o", str(out), *TINY_ARGS]) == 2  # an avatar needs speech
     assert main(["run", str(short_video), "--avatar", str(lfa), "-o", str(out), *TINY_ARGS]) == 2
     assert main(["prepare-avatar", str(short_video), "-o", str(tmp_path / "x.mp4"), *TINY_ARGS]) == 2
+
+
+def test_sessions_share_one_engine_and_equal_themselves_alone(networks, avatar):
+    """Two sessions on one engine (max_sessions=2), in two threads: their student calls are batched, and each
+    gives the frames it gives alone."""
+    import threading
+
+    avatar, _ = avatar
+    speeches = [synth_speech(1.4, seed=s) for s in (1, 2)]
+    alone = [_frames_of(Engine(RunConfig(**TINY), networks).session(s, avatar=avatar)) for s in speeches]
+    engine = Engine(RunConfig(**TINY, max_sessions=2, pipeline="streams"), networks)
+    together, errors = [None, None], []
+
+    def run(i):
+        try:
+            together[i] = _frames_of(engine.session(speeches[i], avatar=avatar))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for got, want in zip(together, alone):
+        assert len(got) == len(want) == 33
+        assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(got, want)) <= 1
+    assert max(engine.batcher.batches) == 2 and engine.path["max_sessions"] == 2
+    with pytest.raises(ConfigError, match="max_sessions must be"):
+        RunConfig(**TINY, max_sessions=0)

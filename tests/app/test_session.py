@@ -95,7 +95,7 @@ def test_an_all_faceless_clip_runs_no_model(networks):
 def test_worker_errors_and_misuse_reach_the_caller(networks):
     engine = Engine(RunConfig(**TINY, pipeline="streams"), networks)
     session = engine.session(synth_speech(0.9))
-    with pytest.raises(ConfigError, match="already runs a session"):
+    with pytest.raises(ConfigError, match="already runs 1 session"):
         engine.session(synth_speech(0.9))
     with pytest.raises(ConfigError, match="np.uint8"):
         session.push(np.zeros((4, 4), np.float32))

@@ -136,3 +136,16 @@ def test_compile_exports_and_checks_onnx(tmp_path, capsys):
     assert (tmp_path / "taehv_decoder.onnx").is_file() and (tmp_path / "taehv_encoder.onnx").is_file()
     assert "relative error" in out and "TensorRT:" in out
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_avatar_bench_reports_each_number_of_sessions(tmp_path):
+    out = tmp_path / "avatar.json"
+    assert main([*BENCH, "--avatar", "--sessions", "1,2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert validate(report) == []
+    assert set(report["results"]) == {"avatar-1", "avatar-2"}
+    two = report["results"]["avatar-2"]
+    assert two["sessions"] == 2 and len(two["fps_per_session"]) == 2 and two["fps"] > 0
+    assert two["frames"] == 2 * 33 and two["path"]["avatar"] and two["path"]["max_sessions"] == 2
+    assert "encode" not in two["stage_ms"] and "face alignment" not in two["stage_ms"]
+    assert main([*BENCH, "--avatar", "--sessions", "0"]) == 2

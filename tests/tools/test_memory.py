@@ -77,3 +77,15 @@ def test_info_memory_json_cli(capsys):
     assert plan["total_bytes"] > 0 and {"KV cache", "graph pool", "audio encoder"} <= {i["name"] for i in plan["items"]}
     assert main(["info", "--model", "tiny", "--memory"]) == 0
     assert "total" in capsys.readouterr().out
+
+
+def test_plan_of_several_sessions_on_avatars():
+    cfg = ModelConfig.from_name("1.3b")
+    one = memory_plan(cfg, STREAM, sessions=1, avatar=True)
+    three = memory_plan(cfg, STREAM, sessions=3, avatar=True)
+    assert _item(three, "KV cache")["bytes"] == 3 * _item(one, "KV cache")["bytes"]
+    assert _item(three, "student weights")["bytes"] == _item(one, "student weights")["bytes"]  # shared
+    assert not any(i["name"].startswith(("wan encoder", "taehv encoder")) for i in three["items"])  # no encoder
+    assert three["per_session_bytes"] > 0
+    assert three["total_bytes"] > one["total_bytes"] + 1.5 * three["per_session_bytes"]
+    assert three["sessions"] == 3 and three["encoder"] is None

@@ -1,0 +1,130 @@
+"""Several sessions on one set of weights: batched calls equal the sessions run alone, sessions join and leave
+at chunk boundaries, and the batcher serves sessions from several threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from lipforcing.engine.dit.build import random_student
+from lipforcing.engine.dit.config import ModelConfig, StreamConfig
+from lipforcing.engine.errors import ConfigError
+from lipforcing.engine.numerics import rel_error
+from lipforcing.engine.runtime.batcher import StudentBatcher
+from lipforcing.engine.runtime.static import StaticStudent
+
+CFG = ModelConfig(dim=64, ffn_dim=96, num_heads=2, num_layers=3, text_len=5, audio_dim=8)
+STREAM = StreamConfig(latent_h=4, latent_w=6)
+CHUNKS = 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_student(CFG, seed=0, std=0.05)
+
+
+def _clip(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    latents = 3 * CHUNKS
+    return dict(
+        text=torch.randn(1, CFG.text_len, 4096, generator=torch.Generator().manual_seed(99)),  # one text for all
+        audio=torch.randn(1, 1 + 4 * (latents - 1), CFG.audio_dim, generator=g),
+        ref=torch.randn(1, 16, 1, 4, 6, generator=g),
+        mask=(torch.rand(1, 1, 1, 4, 6, generator=g) > 0.5).float(),
+        masked=torch.randn(1, 16, latents, 4, 6, generator=g),
+        ref_seq=torch.randn(1, 16, latents, 4, 6, generator=g),
+    )
+
+
+def _start(student, slot, clip):
+    student.start_clip(clip["text"], clip["audio"], clip["ref"], clip["mask"], slot=slot)
+
+
+def _chunk(clip, b):
+    return clip["masked"][:, :, 3 * b : 3 * b + 3], clip["ref_seq"][:, :, 3 * b : 3 * b + 3]
+
+
+def _alone(model, clip) -> torch.Tensor:
+    student = StaticStudent(model, STREAM, backend="reference", seed=5, cuda_graphs=False)
+    _start(student, None, clip)
+    return torch.cat([student.run_chunk(*_chunk(clip, b)).clone() for b in range(CHUNKS)], 2)
+
+
+def test_batched_sessions_equal_the_sessions_alone_and_join_and_leave(model):
+    """A runs alone for two chunks, B joins (its first two chunks run alone, then A and B form one batch), B
+    leaves after three chunks and C takes its row: every session's latents equal its run alone."""
+    clips = {name: _clip(seed) for name, seed in (("a", 1), ("b", 2), ("c", 3))}
+    expected = {name: _alone(model, clip) for name, clip in clips.items()}
+    student = StaticStudent(model, STREAM, slots=3, backend="reference", seed=5, cuda_graphs=False)
+    slots, done, out = {}, {}, {name: [] for name in clips}
+    batch_sizes = []
+
+    def step(names):
+        active = [slots[n] for n in names]
+        for group in student.groups(active):
+            names_in = [next(n for n in names if slots[n] is s) for s in group]
+            masked = torch.cat([_chunk(clips[n], done[n])[0] for n in names_in])
+            ref_seq = torch.cat([_chunk(clips[n], done[n])[1] for n in names_in])
+            x0 = student.run_group(group, masked, ref_seq)
+            batch_sizes.append(len(group))
+            for i, n in enumerate(names_in):
+                out[n].append(x0[i : i + 1].clone())
+                done[n] += 1
+
+    for name in ("b", "a"):  # b takes row 0, a row 1: a reaching the steady state moves to row 0
+        slots[name], done[name] = student.open_slot(), 0
+    _start(student, slots["a"], clips["a"])
+    step(["a"])
+    step(["a"])
+    _start(student, slots["b"], clips["b"])
+    step(["a", "b"])  # a steady, b chunk 0: two calls
+    step(["a", "b"])  # b chunk 1
+    step(["a", "b"])  # both steady: one batch of two
+    student.close_slot(slots["b"])  # b leaves after three chunks
+    slots["c"], done["c"] = student.open_slot(), 0
+    _start(student, slots["c"], clips["c"])
+    step(["c"])
+    step(["c"])
+    step(["c"])
+    step(["c"])
+    step(["c"])
+    assert 2 in batch_sizes
+    assert slots["a"].row == 0 and slots["c"].row == 1 and slots["c"].cache.frames[0] == 0
+    assert done == {"a": 5, "b": 3, "c": 5}
+    for name, chunks in out.items():
+        got = torch.cat(chunks, 2)
+        assert rel_error(got, expected[name][:, :, : got.shape[2]]) < 1e-5, name
+    with pytest.raises(ConfigError, match="slots are in use"):
+        for _ in range(3):
+            student.open_slot()
+
+
+def test_the_batcher_serves_sessions_from_several_threads(model):
+    clips = [_clip(seed) for seed in (4, 5, 6)]
+    expected = [_alone(model, clip) for clip in clips]
+    student = StaticStudent(model, STREAM, slots=3, backend="reference", seed=5, cuda_graphs=False)
+    batcher = StudentBatcher(student, gather_s=0.05)
+    results, errors = [None] * 3, []
+
+    def session(i):
+        try:
+            s = batcher.session()
+            clip = clips[i]
+            s.start_clip(clip["text"], clip["audio"], clip["ref"], clip["mask"])
+            results[i] = torch.cat([s.run_chunk(*_chunk(clip, b)) for b in range(CHUNKS)], 2)
+            s.close()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    batcher.shutdown()
+    assert not errors
+    for got, want in zip(results, expected):
+        assert rel_error(got, want) < 1e-5
+    assert max(batcher.batches) >= 2  # chunks of different sessions ran as one call
