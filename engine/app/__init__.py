@@ -2,7 +2,8 @@
 
     engine.py   RunConfig, Weights, load_networks, Engine (the fast path, or the reference path)
     session.py  LipSync: frames + speech in, lip-synced frames out (worker threads, device streams)
-    run.py      run_video: a file in, an MP4 out (``lipforcing run``)
+    avatar.py   prepared avatars (``.lfa``): prepare, save, load (``lipforcing prepare-avatar``)
+    run.py      run_video: a file (or an avatar) in, an MP4 out (``lipforcing run``)
     demo.py     the demo input built locally (``lipforcing demo``)
     tiny.py     random-weight networks of the ``tiny`` model
     cli.py      the command registry and the engine's commands

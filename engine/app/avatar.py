@@ -21,7 +21,8 @@ stored latents, encoder kind and SHA-256 of its weights, latent size, the encode
 Tensors: ``frames_png`` / ``frames_offsets`` (each source frame as a PNG, lossless), ``crops_png`` /
 ``crops_offsets`` (the 512x512 aligned crops, PNG), ``matrices`` and ``inverses`` (float64 [n, 2, 3]: frame
 -> crop and crop -> frame pixels), ``masked_latents`` and ``ref_latents`` (float32 [1, 16, K, h, w], latent k
-of the played sequence), ``ref_latent`` ([1, 16, 1, h, w]), ``keep_mask`` (float32 [H, W], 1 = keep). A file
+of the played sequence; the clip's reference latent is ``ref_latents[:, :, :1]``, the latent of frame 0),
+``keep_mask`` (float32 [H, W], 1 = keep). A file
 of another version, a truncated one or one prepared for other encoder weights or mask is refused with an
 error that says so.
 """

@@ -12,7 +12,8 @@ piece back to its plain reference (``scheduler="reference"``, ``pipeline="sequen
 ``backend="reference"``, ``decoder_backend="torch"``); tests hold the two paths equal.
 
 ``load_networks`` and ``Engine`` are separate so that several engines (the benchmark's ablation) share one
-set of weights. An engine runs one session at a time.
+set of weights. An engine runs up to ``RunConfig.max_sessions`` sessions at once (default 1), from any
+threads; their student calls are batched by ``runtime.batcher.StudentBatcher``.
 """
 
 from __future__ import annotations
@@ -403,8 +404,8 @@ class Engine:
 
     def session(self, speech: np.ndarray | None = None, *, sample_rate: int = 16000, timing: bool = False,
                 lookahead: float | None = None, context: float | None = None, avatar=None):
-        """A new ``LipSync`` session on this engine (one at a time): the whole speech up front, or live speech
-        (``lookahead``, or no speech), on pushed frames or on a prepared ``avatar``."""
+        """A new ``LipSync`` session on this engine (at most ``max_sessions`` at once): the whole speech up front,
+        or live speech (``lookahead``, or no speech), on pushed frames or on a prepared ``avatar``."""
         from ..media.live_audio import DEFAULT_CONTEXT_S
         from .session import LipSync
 

@@ -6,6 +6,7 @@
     mask.py             the mouth mask (built-in LatentSync shape or a user's image) at every size
     paste_back.py       the generated face blended back into the frame (SPEC §8)
     audio_features.py   per-video-frame wav2vec2 features (SPEC §7)
+    live_audio.py       speech arriving live: a 16 kHz buffer, windowed features, the look-ahead figures
 
 Imports: ``engine.errors`` only (no model code): the application layer joins media and models.
 """
