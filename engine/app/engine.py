@@ -146,15 +146,21 @@ class AudioEncoder:
 
     def __init__(self, load, device: torch.device) -> None:
         self._load, self._model, self.device = load, None, device
+        self._lock = threading.Lock()  # sessions in several threads load it once (imports are not thread-safe)
 
     def __call__(self, speech: np.ndarray, n_frames: int) -> torch.Tensor:
         """speech: float32 [S] 16 kHz mono -> features [n_frames, audio_dim] on the engine's device."""
-        if self._model is None:
-            self._model = self._load().to(self.device)
-        return self._model(speech, n_frames)
+        model = self._model
+        if model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = self._load().to(self.device)
+                model = self._model
+        return model(speech, n_frames)
 
     def release(self) -> None:
-        self._model = None
+        with self._lock:
+            self._model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -221,18 +221,28 @@ class LipSync:
             self._after_audio()
         return self.pop()
 
-    def keep_alive(self, now: float | None = None) -> list[np.ndarray]:
-        """Live speech on an avatar: if the speech has fallen behind the wall clock (nothing is being said),
-        fill the gap with silence so the avatar keeps playing with a closed mouth. Call it regularly."""
+    def keep_alive(self, now: float | None = None, slack: float = 0.0) -> list[np.ndarray]:
+        """Live speech on an avatar: if the speech has fallen more than ``slack`` seconds behind the wall clock
+        (nothing is being said), fill the gap with silence so the avatar keeps playing with a closed mouth.
+        Call it regularly; the clock starts at the first call or the first speech."""
         if not self.live or self._speech.ended:
             return self.pop()
         now = time.monotonic() if now is None else now
         if self._clock is None:
             self._clock = now
-        missing = int((now - self._clock) * AUDIO_RATE) - self._speech.samples
+        missing = int((now - slack - self._clock) * AUDIO_RATE) - self._speech.samples
         if missing > 0:
-            return self.push_audio(np.zeros(missing, np.float32))
+            with self._speech_lock:
+                self._speech.silence(missing)  # at 16 kHz, whatever rate the speaker's audio comes at
+                self._speech_lock.notify_all()
+            self._after_audio()
         return self.pop()
+
+    def speech_for_frames(self, first: int, count: int) -> np.ndarray:
+        """The 16 kHz speech that goes with output frames [first, first + count): float32 [640 count] (silence
+        where there is none; what the session pushed to fill a stall is silence too)."""
+        with self._speech_lock:
+            return self._speech.window(first * 640, (first + count) * 640)
 
     def pop(self, timeout: float = 0.0) -> list[np.ndarray]:
         """Finished frames, in order; waits up to ``timeout`` seconds for at least one (0: never waits). On an
@@ -440,7 +450,8 @@ class LipSync:
         with self._speech_lock:  # copy the window, then let more speech arrive during the wav2vec2 pass
             audio, w0 = self._window.speech_for(self._speech, piece.start, piece.stop)
             keep_from, _ = self._window.window(self._speech, piece.stop, piece.stop)
-            self._speech.drop_before(keep_from * 640)  # what later chunks' windows no longer reach
+            keep_from = min(keep_from, piece.start - 2 * CHUNK_FRAMES)  # frames still on their way out too
+            self._speech.drop_before(max(0, keep_from) * 640)  # what later chunks no longer reach
         with self.timer.stage("audio features"):
             features = self._window.features_of(audio, w0, piece.start, piece.stop)
         self._check_audio_dim(features)

@@ -65,6 +65,15 @@ class SpeechBuffer:
             self._parts.append(audio)
             self.samples += audio.size
 
+    def silence(self, samples: int) -> None:
+        """Append ``samples`` samples of silence at 16 kHz, whatever rate the speech comes at (a stall of a
+        live speaker filled in)."""
+        if self.ended:
+            raise MediaError("speech pushed after end(): start a new session")
+        if samples > 0:
+            self._parts.append(np.zeros(samples, np.float32))
+            self.samples += samples
+
     def _resample(self, audio: np.ndarray, rate: int, flush: bool = False) -> np.ndarray:
         """Streaming resampling to 16 kHz (PyAV's libswresample keeps its filter state between pushes)."""
         import av

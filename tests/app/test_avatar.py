@@ -30,22 +30,8 @@ def networks():
 
 
 @pytest.fixture(scope="module")
-def short_video(shared_dir, tmp_path_factory):
-    """The first 25 frames (1 s) of a shared clip."""
-    path = tmp_path_factory.mktemp("avatar") / "short.mp4"
-    src = shared_dir / "assets/clips/face3.mp4"
-    info = probe(src)
-    with VideoWriter(path, info.width, info.height) as writer:
-        for frame in read_frames(src, 25):
-            writer.write(frame)
-    return path
-
-
-@pytest.fixture(scope="module")
-def avatar(networks, short_video, tmp_path_factory):
-    prepared = prepare_avatar(short_video, Engine(RunConfig(**TINY), networks), progress=False)
-    path = prepared.save(tmp_path_factory.mktemp("lfa") / "short.lfa")
-    return Avatar.load(path), path
+def avatar(tiny_avatar_file):
+    return Avatar.load(tiny_avatar_file), tiny_avatar_file
 
 
 def _frames_of(session, frames=None):
@@ -98,6 +84,24 @@ def test_an_idle_live_avatar_keeps_playing_on_silence(networks, avatar):
         out += session.keep_alive(now=t0 + 0.1 * step)
     out += session.close()
     assert len(out) >= 21  # the avatar kept moving on silence
+
+
+def test_a_stall_of_a_48khz_speaker_is_filled_with_silence(networks, avatar):
+    """A WebRTC speaker sends 48 kHz; when it stalls, the silence filled in must not break the session's rate."""
+    import time
+
+    avatar, _ = avatar
+    session = Engine(RunConfig(**TINY), networks).session(avatar=avatar, lookahead=0.0)
+    speech = synth_speech(0.4)
+    at48k = np.interp(np.arange(speech.size * 3) / 3, np.arange(speech.size), speech).astype(np.float32)
+    out = session.push_audio(at48k, 48000)
+    out += session.keep_alive(now=time.monotonic() + 0.6)  # the speaker stalls: 0.6 s of silence
+    filled = session._speech.samples
+    assert filled >= int(1.0 * 16000) - 640
+    out += session.push_audio(at48k[:4800], 48000)  # and speaks again, at its own rate
+    out += session.end_audio()
+    out += _frames_of(session)
+    assert len(out) == clip_length_from_samples(session._speech.samples).frames
 
 
 def test_file_format_errors(avatar, tmp_path, networks):

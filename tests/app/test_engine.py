@@ -50,3 +50,31 @@ def test_run_config_defaults_and_checks():
                        (dict(cuda_graphs=True), "CUDA graphs"), (dict(dtype="int8"), "unknown dtype")):
         with pytest.raises(ConfigError, match=match):
             RunConfig(model="tiny", device="cpu", **bad)
+
+
+def test_the_audio_encoder_is_loaded_once_by_sessions_starting_together():
+    """Live sessions in several threads reach wav2vec2 at once: one load (imports are not thread-safe)."""
+    import threading
+    import time
+
+    from lipforcing.engine.app.engine import AudioEncoder
+
+    loads = []
+
+    def load():
+        loads.append(threading.get_ident())
+        time.sleep(0.2)  # a slow load: the other threads arrive meanwhile
+        return torch.nn.Identity()
+
+    class Features(torch.nn.Module):
+        def forward(self, speech, n_frames):
+            return torch.zeros(n_frames, 4)
+
+    encoder = AudioEncoder(lambda: (load(), Features())[1], torch.device("cpu"))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(encoder(None, 3).shape)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(loads) == 1 and results == [torch.Size([3, 4])] * 4
