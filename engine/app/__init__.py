@@ -7,6 +7,7 @@
     demo.py     the demo input built locally (``lipforcing demo``)
     tiny.py     random-weight networks of the ``tiny`` model
     cli.py      the command registry and the engine's commands
+    server/     ``lipforcing serve`` and ``lipforcing client``: WebSocket, WebRTC, a web page, Ray Serve
 
 Imports: everything below it (dit, runtime, codecs, media, tools) and ``lipforcing.compile``.
 ``lipforcing.bench`` builds on this package, never the reverse.

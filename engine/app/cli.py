@@ -6,6 +6,8 @@
     lipforcing run VIDEO [--audio AUDIO] -o OUT.mp4 [--model 14b --ckpt ... --vae ... --taehv ...] [--report R.json]
     lipforcing demo [-o demo.mp4]
     lipforcing compile [--taehv taew2_1.pth] [-o DIR]
+    lipforcing serve [--host 127.0.0.1 --port 8080 --token T --avatars DIR] [--ray --replicas N]
+    lipforcing client --url ws://HOST:PORT (--avatar FILE|NAME | --video FILE) --speech WAV -o OUT.mp4 [--fast]
 
 Other packages add their commands with ``@command`` (``lipforcing bench`` lives in ``lipforcing.bench``);
 the ``lipforcing`` program (``lipforcing/cli.py``) gathers them and calls ``main``.
@@ -242,6 +244,121 @@ def _prepare_avatar(args: argparse.Namespace) -> int:
     c = avatar.config
     print(f"wrote {path}: {c['frames']} frames ({c['frames'] / 25:.2f} s), loops every {c['period_frames']} frames, "
           f"{c['stored_latents']} latents of each stream, {path.stat().st_size / 1e6:.1f} MB")
+    return 0
+
+
+@command("serve", "serve live sessions over WebSocket and WebRTC, with a web page (see the README)")
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--token", default=os.environ.get("LIPFORCING_TOKEN"),
+                   help="clients must send this token (default: $LIPFORCING_TOKEN; none: no authentication)")
+    p.add_argument("--avatars", default=None, metavar="DIR", help="a folder of prepared avatars (*.lfa) to offer")
+    p.add_argument("--max-sessions", type=int, default=1, help="sessions at once per engine (per replica)")
+    p.add_argument("--max-message-kb", type=int, default=1024, help="largest client message accepted")
+    p.add_argument("--max-upload-mb", type=int, default=512, help="largest avatar or video upload accepted")
+    p.add_argument("--idle-timeout", type=float, default=30.0, help="seconds without a message before a session ends")
+    p.add_argument("--lookahead", type=float, default=None, metavar="SECONDS",
+                   help="speech each chunk waits for past its frames (default: the session default)")
+    p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (one replica per GPU)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: how many replicas")
+    add_engine_options(p)
+    p.set_defaults(run=_serve)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port}: not a TCP port")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror} (is another server running?)") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .server.app import ServerOptions
+    from .session import DEFAULT_LOOKAHEAD_S
+
+    if args.avatars and not Path(args.avatars).is_dir():
+        raise ConfigError(f"--avatars {args.avatars}: not a folder")
+    if args.replicas < 1 or (args.replicas > 1 and not args.ray):
+        raise ConfigError("--replicas N (N >= 1) applies with --ray")
+    for name in ("max_message_kb", "max_upload_mb", "idle_timeout"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    cfg, weights = engine_config(args)
+    options = ServerOptions(
+        run_config=replace(cfg, max_sessions=args.max_sessions), weights=weights, token=args.token or None,
+        avatars=args.avatars, max_message_bytes=args.max_message_kb << 10, max_upload_bytes=args.max_upload_mb << 20,
+        idle_timeout=args.idle_timeout, lookahead=DEFAULT_LOOKAHEAD_S if args.lookahead is None else args.lookahead,
+    )
+    _require_server_packages(ray=args.ray)
+    _check_port_free(args.host, args.port)  # before the warm-up, not after it
+    if args.ray:
+        from .server.serve import run_ray
+
+        run_ray(options, replicas=args.replicas, host=args.host, port=args.port)
+    else:
+        from .server.serve import run_server
+
+        run_server(options, host=args.host, port=args.port)
+    return 0
+
+
+def _require_server_packages(*, ray: bool) -> None:
+    import importlib.util
+
+    names = ["fastapi", "uvicorn", "websockets", "aiortc"] + (["ray"] if ray else [])
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        extra = "serve,ray" if ray else "serve"
+        raise ConfigError(f"the server needs {', '.join(missing)}: pip install 'lipforcing[{extra}]'")
+
+
+@command("client", "stream speech to a lipforcing server and write what comes back as an MP4")
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="ws://127.0.0.1:8080", help="the server (ws://HOST:PORT)")
+    p.add_argument("--token", default=os.environ.get("LIPFORCING_TOKEN"), help="default: $LIPFORCING_TOKEN")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--avatar", metavar="FILE|NAME", help="a prepared avatar (.lfa) to upload, or the name of "
+                                                              "one the server holds")
+    source.add_argument("--video", metavar="FILE", help="a talking-head video the server prepares as the avatar")
+    p.add_argument("--speech", required=True, help="speech (wav/mp3/m4a/flac/...)")
+    p.add_argument("-o", "--output", required=True, help="output .mp4")
+    p.add_argument("--fast", action="store_true", help="send the speech as fast as possible, not in real time")
+    p.add_argument("--lookahead", type=float, default=None, metavar="SECONDS",
+                   help="speech each chunk waits for past its frames (default: the session default)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds of silence from the server before giving up")
+    p.add_argument("--report", default=None, metavar="JSON", help="write the latency figures here")
+    p.set_defaults(run=_client)
+
+
+def _client(args: argparse.Namespace) -> int:
+    from .server.client import ClientOptions, run_client
+    from .session import DEFAULT_LOOKAHEAD_S
+
+    _require_server_packages(ray=False)
+    result = run_client(ClientOptions(
+        url=args.url, token=args.token or None, avatar=args.avatar, video=args.video, speech=args.speech,
+        output=args.output, fast=args.fast, timeout=args.timeout,
+        lookahead=DEFAULT_LOOKAHEAD_S if args.lookahead is None else args.lookahead,
+    ))
+    print(f"wrote {args.output}: {result.summary()}")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(result.to_json(), f, indent=2)
     return 0
 
 

@@ -1,0 +1,403 @@
+"""The ``lipforcing serve`` application (FastAPI): live sessions over WebSocket and WebRTC, a web page, health.
+
+    app = build_app(ServerOptions(run_config=RunConfig(model="1.3b"), token="secret", avatars="avatars/"))
+    # uvicorn runs it (lipforcing serve), or Ray Serve runs one per GPU (lipforcing serve --ray)
+
+Routes: ``GET /`` the web page; ``GET /healthz`` (503 until the engine is warm, then 200 with the session
+count); ``GET /v1/avatars`` and ``GET /v1/stats``; ``WS /v1/session`` (protocol.py); ``POST
+/v1/webrtc/offer`` (webrtc.py). Everything but the page and the health check needs the token (when the
+server has one): a wrong or missing token is answered 401 and no session is made.
+
+Limits, each with a clear error: at most ``max_sessions`` sessions (``busy``), messages of at most
+``max_message_bytes`` (``too_large``: the message is dropped, the connection stays), uploads of at most
+``max_upload_bytes``, and ``idle_timeout`` seconds without a message (``closing``). A malformed message gets
+an ``error`` reply and the connection carries on. On shutdown (SIGTERM, Ctrl-C) every session is told
+``closing`` before its connection closes, and the server's temporary files are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse
+
+from ...errors import LipforcingError
+from ..engine import Engine, RunConfig, Weights, build_engine
+from ..session import DEFAULT_LOOKAHEAD_S
+from . import protocol
+from .live import LiveSession
+
+log = logging.getLogger("lipforcing")
+STATIC = Path(__file__).with_name("static")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerOptions:
+    """What ``lipforcing serve`` is started with (the CLI flags map onto these)."""
+
+    run_config: RunConfig = field(default_factory=lambda: RunConfig(model="tiny"))
+    weights: Weights = field(default_factory=Weights)
+    token: str | None = None
+    """Clients must send it (Authorization: Bearer, or ?token=); None: no authentication (loopback use)."""
+    avatars: str | None = None
+    """A folder of prepared avatars (*.lfa), offered by name."""
+    max_message_bytes: int = 1 << 20
+    max_upload_bytes: int = 512 << 20
+    idle_timeout: float = 30.0
+    lookahead: float = DEFAULT_LOOKAHEAD_S
+    jpeg_quality: int = 85
+
+
+class ServerState:
+    """The engine, the avatars and the live connections of one server process."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.engine: Engine | None = None
+        self.avatars: dict = {}
+        self.connections: set[Connection] = set()
+        self.ready = False
+        self.failed: str | None = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="lipforcing-serve-"))
+        self.peers: dict = {}  # WebRTC peer connection -> its closing-message function
+
+    def start(self) -> None:
+        """Build and warm the engine, load the avatars (blocking: run it in a thread)."""
+        from ..avatar import Avatar
+
+        try:
+            engine = build_engine(self.options.run_config, self.options.weights)
+            engine.warm_up()
+            folder = self.options.avatars
+            for path in sorted(Path(folder).glob("*.lfa")) if folder else []:
+                avatar = Avatar.load(path)
+                avatar.check_engine(engine)
+                self.avatars[path.stem] = avatar
+            self.engine, self.ready = engine, True
+            log.warning("lipforcing serve: ready (%s, %d avatar(s))", engine.path["model"], len(self.avatars))
+        except LipforcingError as exc:
+            self.failed = str(exc)
+            log.error("lipforcing serve: cannot start: %s", exc)
+
+    async def close_connections(self, reason: str) -> None:
+        """Tell every session it ends (``closing``) and close the connections (server shutdown)."""
+        await asyncio.gather(*(c.shut(reason) for c in list(self.connections)), return_exceptions=True)
+        for tell in list(self.peers.values()):
+            tell(reason)
+        await asyncio.sleep(0.05)  # let the data channels carry it
+        await asyncio.gather(*(peer.close() for peer in list(self.peers)), return_exceptions=True)
+
+    async def stop(self) -> None:
+        await self.close_connections("the server is shutting down")
+        if self.engine is not None:
+            self.engine.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def authorized(self, headers, query) -> bool:
+        token = self.options.token
+        if not token:
+            return True
+        given = query.get("token") or ""
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        return secrets.compare_digest(given.encode(), token.encode())
+
+    def stats(self) -> dict:
+        engine = self.engine
+        return {
+            "ready": self.ready,
+            "sessions": sum(1 for c in self.connections if c.live is not None) + len(self.peers),
+            "slots_in_use": sum(p.in_use for p in engine.parts) if engine else 0,
+            "slots": len(engine.parts) if engine else 0,  # session parts built (reused by later sessions)
+            "max_sessions": self.options.run_config.max_sessions,
+            "avatars": sorted(self.avatars),
+            "replica": os.getpid(),
+            "engine": engine.path if engine else None,
+        }
+
+
+class Connection:
+    """One WebSocket client: its messages, its upload, its live session."""
+
+    def __init__(self, ws, state: ServerState) -> None:
+        self.ws, self.state = ws, state
+        self.live: LiveSession | None = None
+        self.upload: dict | None = None
+        self.closed = False
+        self.ended = False  # the client said "end"
+        self.id = uuid.uuid4().hex[:12]
+
+    async def send_text(self, text: str) -> None:
+        if not self.closed:
+            try:
+                await self.ws.send_text(text)
+            except Exception:  # the client went away: the receive loop notices
+                self.closed = True
+
+    async def shut(self, reason: str) -> None:
+        """Tell the client the session ends, stop it and close the connection."""
+        await self.send_text(json.dumps({"type": "closing", "reason": reason}))
+        self._stop_live()
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(Exception):  # already gone
+                await self.ws.close(code=1001)
+
+    def _stop_live(self) -> None:
+        if self.live is not None:
+            self.live.close()
+
+    async def run(self) -> None:
+        opts = self.state.options
+        sender = None
+        try:
+            while not self.closed:
+                # idle: no message while the session waits for speech (not while it finishes after "end")
+                timeout = None if self.ended else opts.idle_timeout
+                try:
+                    message = await asyncio.wait_for(self.ws.receive(), timeout=timeout)
+                except asyncio.TimeoutError:
+                    await self.shut(f"idle for {opts.idle_timeout:g} s")
+                    return
+                if message["type"] == "websocket.disconnect":
+                    return
+                data, text = message.get("bytes"), message.get("text")
+                size = len(data) if data is not None else len((text or "").encode())
+                if size > opts.max_message_bytes:
+                    await self.send_text(protocol.error("too_large", f"a message of {size} bytes; at most "
+                                                                    f"{opts.max_message_bytes} are accepted"))
+                    continue
+                try:
+                    if text is not None:
+                        started = await self._control(protocol.decode_text(text))
+                    else:
+                        started = await self._binary(protocol.decode_binary(data))
+                except protocol.ProtocolError as exc:
+                    await self.send_text(protocol.error("malformed", str(exc)))
+                    continue
+                if started:
+                    sender = asyncio.create_task(self._send_outputs())
+        finally:
+            self._stop_live()
+            if sender is not None:
+                try:
+                    await asyncio.wait_for(sender, timeout=30)
+                except (asyncio.TimeoutError, asyncio.CancelledError):
+                    sender.cancel()
+            self._drop_upload()
+
+    async def _control(self, message: dict) -> bool:
+        kind = message["type"]
+        if kind == "start":
+            if self.live is not None or self.upload is not None:
+                raise protocol.ProtocolError("the session has already started")
+            return await self._start(message)
+        if kind == "end":
+            if self.live is None:
+                raise protocol.ProtocolError('"end" before the session started')
+            self.live.end()
+            self.ended = True
+            return False
+        if kind == "close":
+            await self.shut("closed by the client")
+            return False
+        raise protocol.ProtocolError(f"unknown message type {kind!r}")
+
+    async def _binary(self, message: protocol.Decoded) -> bool:
+        if message.kind == protocol.AUDIO_IN:
+            if self.live is None:
+                raise protocol.ProtocolError("AUDIO before the session started")
+            self.live.push_audio(message.payload)
+            return False
+        if message.kind == protocol.UPLOAD:
+            if self.upload is None:
+                raise protocol.ProtocolError("UPLOAD without a start message announcing it")
+            up = self.upload
+            up["file"].write(message.payload)
+            up["received"] += len(message.payload)
+            if up["received"] > up["bytes"]:
+                await self._refuse("bad_upload", f"the upload is longer than the {up['bytes']} bytes announced")
+                return False
+            if up["received"] == up["bytes"]:
+                return await self._finish_upload()
+            return False
+        raise protocol.ProtocolError(f"message type 0x{message.kind:02x} is sent by the server, not by clients")
+
+    async def _start(self, message: dict) -> bool:
+        opts, state = self.state.options, self.state
+        lookahead = message.get("lookahead", opts.lookahead)
+        rate = message.get("sample_rate", 16000)
+        if not isinstance(lookahead, int | float) or not 0 <= lookahead <= 5:
+            raise protocol.ProtocolError("lookahead must be a number of seconds between 0 and 5")
+        if not isinstance(rate, int) or not 8000 <= rate <= 192000:
+            raise protocol.ProtocolError("sample_rate must be an integer number of Hz")
+        self.params = dict(lookahead=float(lookahead), sample_rate=rate)
+        if "upload" in message:
+            kind, size = message.get("upload"), message.get("bytes")
+            if kind not in ("avatar", "video") or not isinstance(size, int) or size <= 0:
+                raise protocol.ProtocolError('"upload" is "avatar" or "video", with "bytes": a positive size')
+            if size > opts.max_upload_bytes:
+                await self._refuse("too_large", f"an upload of {size} bytes; at most {opts.max_upload_bytes}")
+                return False
+            path = state.tmp / f"{self.id}{'.lfa' if kind == 'avatar' else '.video'}"
+            self.upload = dict(kind=kind, bytes=size, received=0, path=path, file=open(path, "wb"))  # noqa: SIM115
+            return False
+        name = message.get("avatar")
+        if name not in state.avatars:
+            await self._refuse("bad_avatar", f"no avatar {name!r} here; the server has {sorted(state.avatars)}")
+            return False
+        return await self._open(state.avatars[name])
+
+    async def _finish_upload(self) -> bool:
+        from ..avatar import Avatar, prepare_avatar
+
+        up, self.upload = self.upload, None
+        up["file"].close()
+        self.upload_path = up["path"]
+        try:
+            if up["kind"] == "avatar":
+                avatar = await asyncio.to_thread(Avatar.load, up["path"])
+                avatar.check_engine(self.state.engine)
+            else:
+                avatar = await asyncio.to_thread(prepare_avatar, up["path"], self.state.engine, progress=False)
+        except LipforcingError as exc:
+            await self._refuse("bad_upload", str(exc))
+            return False
+        finally:
+            up["path"].unlink(missing_ok=True)
+        return await self._open(avatar)
+
+    async def _open(self, avatar) -> bool:
+        loop = asyncio.get_running_loop()
+        opts = self.state.options
+        try:
+            self.live = await asyncio.to_thread(LiveSession, self.state.engine, avatar, loop=loop,
+                                                jpeg_quality=opts.jpeg_quality, **self.params)
+        except LipforcingError as exc:
+            code = "busy" if "already runs" in str(exc) else "bad_avatar"
+            await self._refuse(code, str(exc))
+            return False
+        await self.send_text(json.dumps({
+            "type": "ready", "session": self.id, "width": self.live.width, "height": self.live.height, "fps": 25,
+            "sample_rate": protocol.OUTPUT_RATE, "protocol": protocol.PROTOCOL_VERSION, "replica": os.getpid(),
+        }))
+        return True
+
+    async def _refuse(self, code: str, message: str) -> None:
+        await self.send_text(protocol.error(code, message))
+        if code in protocol.FATAL:
+            await self.shut(message)
+
+    async def _send_outputs(self) -> None:
+        async for item in self.live.outputs():
+            if self.closed:
+                continue
+            try:
+                if item[0] == "frames":
+                    _, frames, (first, speech) = item
+                    await self.ws.send_bytes(protocol.encode_audio_out(first, speech))
+                    for index, jpeg in frames:
+                        await self.ws.send_bytes(protocol.encode_frame(index, jpeg))
+                elif item[0] == "done":
+                    await self.ws.send_text(json.dumps({"type": "done", "frames": item[1]}))
+                    self.closed = True
+                    await self.ws.close(code=1000)
+                elif item[0] == "error":
+                    message = str(item[1]) if isinstance(item[1], LipforcingError) else repr(item[1])
+                    await self.send_text(protocol.error("internal", f"the session failed: {message}"))
+                    await self.shut("the session failed")
+            except Exception:  # the client went away
+                self.closed = True
+
+    def _drop_upload(self) -> None:
+        if self.upload is not None:
+            self.upload["file"].close()
+            self.upload["path"].unlink(missing_ok=True)
+            self.upload = None
+
+
+def build_app(options: ServerOptions):
+    """The FastAPI application of one server process (uvicorn's, or one Ray Serve replica's)."""
+    state = ServerState(options)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await asyncio.to_thread(state.start)
+        yield
+        await state.stop()
+
+    app = FastAPI(title="lipforcing", lifespan=lifespan)
+    app.state.lipforcing = state
+
+    def refused():
+        return JSONResponse({"error": "unauthorized: send the server's token"}, status_code=401)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/healthz")
+    async def health():
+        if state.failed:
+            return JSONResponse({"status": "failed", "error": state.failed}, status_code=500)
+        if not state.ready:
+            return JSONResponse({"status": "warming up"}, status_code=503)
+        return {"status": "ok", **state.stats()}
+
+    @app.get("/v1/avatars")
+    async def avatars(request: Request):
+        if not state.authorized(request.headers, request.query_params):
+            return refused()
+        return {"avatars": sorted(state.avatars)}
+
+    @app.get("/v1/stats")
+    async def stats(request: Request):
+        if not state.authorized(request.headers, request.query_params):
+            return refused()
+        return state.stats()
+
+    @app.websocket("/v1/session")
+    async def session(ws: WebSocket):
+        if not state.authorized(ws.headers, ws.query_params):
+            try:
+                await ws.send_denial_response(refused())
+            except Exception:  # the transport cannot send an HTTP status: close before accepting
+                await ws.close(code=4401)
+            return
+        if not state.ready:
+            await ws.close(code=1013)  # try again later
+            return
+        await ws.accept()
+        connection = Connection(ws, state)
+        state.connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            state.connections.discard(connection)
+
+    @app.post("/v1/webrtc/offer")
+    async def offer(request: Request):
+        if not state.authorized(request.headers, request.query_params):
+            return refused()
+        from .webrtc import answer_offer
+
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "the offer must be JSON: {sdp, type, avatar}"}, status_code=400)
+        return await answer_offer(state, body)
+
+    return app

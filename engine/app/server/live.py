@@ -1,0 +1,158 @@
+"""One client's live session on the server: a ``LipSync`` on an avatar, run by a worker thread and fed from the
+event loop.
+
+    live = LiveSession(engine, avatar, loop=asyncio.get_running_loop(), lookahead=0.32)
+    live.push_audio(pcm16)            # from the event loop: returns at once
+    live.end()                        # no more speech
+    async for item in live.outputs(): # ("frames", [(index, jpeg), ...], (first_index, pcm16)), then ("done", n)
+        ...
+    live.close()                      # stop now (a disconnect): the session's memory is freed
+
+The worker thread owns the session: it pushes the speech, calls ``keep_alive`` every tick (a stall of the
+speech longer than ``idle_slack`` becomes silence, so the avatar keeps playing with a closed mouth), encodes
+finished frames as JPEG and hands them, with the speech that goes with them, to the event loop. Nothing
+the worker does blocks the loop; a slow client only makes the output queue longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from .protocol import to_pcm16
+
+TICK_S = 0.04
+
+
+class LiveSession:
+    """A session on an avatar, driven by speech pushed from the event loop (see the module docstring)."""
+
+    def __init__(self, engine, avatar, *, loop: asyncio.AbstractEventLoop, lookahead: float,
+                 sample_rate: int = 16000, idle_slack: float = 0.5, jpeg_quality: int | None = 85) -> None:
+        """jpeg_quality None: frames are handed over as np.uint8 [H, W, 3] RGB (WebRTC encodes them itself)."""
+        self.session = engine.session(avatar=avatar, lookahead=lookahead)
+        self.loop, self.sample_rate, self.idle_slack = loop, sample_rate, idle_slack
+        self.jpeg_quality = jpeg_quality
+        self.width, self.height = avatar.config["frame_hw"][1], avatar.config["frame_hw"][0]
+        self._commands: queue.Queue = queue.Queue()
+        self._closing = threading.Event()
+        self._outputs: asyncio.Queue = asyncio.Queue()
+        self._sent = 0  # frames handed to the loop
+        self.started = time.monotonic()
+        self.chunk_latency_s: list[float] = []  # per chunk: push of its audio -> its frames encoded
+        self._pushed_at: list[tuple[int, float]] = []  # (speech samples pushed so far, when)
+        self._samples_in = 0
+        self._lookahead_samples = int(lookahead * 16000)
+        self._thread = threading.Thread(target=self._work, name="lipforcing-live", daemon=True)
+        self._thread.start()
+
+    # --- from the event loop -----------------------------------------------------------------------------
+
+    def push_audio(self, pcm: np.ndarray) -> None:
+        """pcm: int16 [S] mono at ``sample_rate``."""
+        self._commands.put(("audio", pcm))
+
+    def end(self) -> None:
+        self._commands.put(("end", None))
+
+    def close(self) -> None:
+        """Stop now; the session is aborted and its engine slot freed (idempotent). It takes effect before any
+        speech still queued, within one chunk's work."""
+        self._closing.set()
+        self._commands.put(("close", None))
+
+    async def outputs(self) -> AsyncIterator[tuple]:
+        while True:
+            item = await self._outputs.get()
+            yield item
+            if item[0] in ("done", "error", "closed"):
+                return
+
+    # --- the worker thread -------------------------------------------------------------------------------
+
+    def _emit(self, item: tuple) -> None:
+        self.loop.call_soon_threadsafe(self._outputs.put_nowait, item)
+
+    def _next_command(self) -> tuple[str, object]:
+        """The next command, with every piece of speech queued behind it joined into one (a session that runs
+        slower than real time then catches up in one push instead of one chunk per piece)."""
+        try:
+            kind, value = self._commands.get(timeout=TICK_S)
+        except queue.Empty:
+            return "tick", None
+        if kind != "audio":
+            return kind, value
+        pieces = [value]
+        while True:
+            try:
+                after = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if after[0] != "audio":
+                self._commands.queue.appendleft(after)  # handled next, after this speech
+                break
+            pieces.append(after[1])
+        return "audio", np.concatenate(pieces) if len(pieces) > 1 else value
+
+    def _work(self) -> None:
+        session = self.session
+        try:
+            ended = False
+            while True:
+                kind, value = self._next_command()
+                if kind == "close" or self._closing.is_set():
+                    session.abort()
+                    self._emit(("closed", self._sent))
+                    return
+                if kind == "audio" and not ended:
+                    self._samples_in += value.size * 16000 // self.sample_rate
+                    self._pushed_at.append((self._samples_in, time.monotonic()))
+                    self._send(session.push_audio(value.astype(np.float32) / 32768.0, self.sample_rate))
+                elif kind == "end" and not ended:
+                    ended = True
+                    self._send(session.end_audio())
+                    while not self._closing.is_set() and session.frames_out < (session.frames_needed or 0):
+                        self._send(session.pop(timeout=TICK_S))
+                    if self._closing.is_set():
+                        continue
+                    self._send(session.close())
+                    self._emit(("done", self._sent))
+                    return
+                elif not ended:
+                    self._send(session.keep_alive(slack=self.idle_slack))
+        except BaseException as exc:  # the connection reports it to its client
+            session.abort()
+            self._emit(("error", exc))
+
+    def _send(self, frames: list[np.ndarray]) -> None:
+        """Encode finished frames and hand them, with their speech, to the event loop."""
+        if not frames:
+            return
+        import cv2
+
+        first = self._sent
+        encoded = []
+        for i, frame in enumerate(frames):
+            if self.jpeg_quality is None:
+                encoded.append((first + i, frame))
+                continue
+            _, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(frame[..., ::-1]),
+                                   [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+            encoded.append((first + i, jpeg.tobytes()))
+        speech = to_pcm16(self.session.speech_for_frames(first, len(frames)))
+        self._sent += len(frames)
+        self._record_latency(first + len(frames))
+        self._emit(("frames", encoded, (first, speech)))
+
+    def _record_latency(self, frames_out: int) -> None:
+        """Time from the arrival of the speech a chunk needed to its frames being ready."""
+        needed = frames_out * 640 + self._lookahead_samples
+        while self._pushed_at and self._pushed_at[0][0] < needed:
+            self._pushed_at.pop(0)
+        if self._pushed_at:
+            self.chunk_latency_s.append(time.monotonic() - self._pushed_at[0][1])

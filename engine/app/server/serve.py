@@ -1,0 +1,79 @@
+"""Run the server: one process with uvicorn (``lipforcing serve``), or replicas on Ray Serve (``--ray``).
+
+    run_server(ServerOptions(...), host="127.0.0.1", port=8080)          # until SIGTERM / Ctrl-C
+    run_ray(ServerOptions(...), replicas=2, host="127.0.0.1", port=8080)  # one replica per GPU
+
+Shutdown (SIGTERM, Ctrl-C): every session is told ``closing`` first, then the connections close, the engine
+stops and the server's temporary files are removed; the process exits with status 0.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import protocol
+from .app import ServerOptions, build_app
+
+log = logging.getLogger("lipforcing")
+
+
+def run_server(options: ServerOptions, *, host: str = "127.0.0.1", port: int = 8080) -> None:
+    import uvicorn
+
+    app = build_app(options)
+    state = app.state.lipforcing
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            await state.close_connections("the server is shutting down")  # before uvicorn drops them
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", ws_max_size=protocol.MAX_MESSAGE,
+                            lifespan="on", timeout_graceful_shutdown=10)
+    log.warning("lipforcing serve: http://%s:%d (warming up)", host, port)
+    # uvicorn re-raises the signal that stopped it once it has shut down, which would end the process with
+    # status 143 (SIGTERM) or a KeyboardInterrupt after a clean shutdown: the handlers in place meanwhile
+    # take that re-raised signal and ignore it.
+    import signal
+
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_ray(options: ServerOptions, *, replicas: int, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """The same application on Ray Serve: ``replicas`` replicas, one GPU each on CUDA (CPU replicas
+    otherwise). A WebSocket session lives on the replica that accepted its connection; a WebRTC session on
+    the one that answered its offer."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    cuda = options.run_config.device.startswith("cuda")
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             ignore_reinit_error=True)
+    serve.start(http_options={"host": host, "port": port})
+
+    def builder():
+        return build_app(options)
+
+    deployment = serve.deployment(
+        name="lipforcing", num_replicas=replicas, max_ongoing_requests=1000,
+        ray_actor_options={"num_gpus": 1 if cuda else 0, "num_cpus": 0},
+        health_check_period_s=5, graceful_shutdown_timeout_s=10,
+    )(serve.ingress(builder)())  # the builder runs on each replica: its own engine, warmed before it serves
+    serve.run(deployment.bind(), name="lipforcing", route_prefix="/")
+    log.warning("lipforcing serve: %d Ray Serve replica(s) at http://%s:%d", replicas, host, port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
