@@ -1,6 +1,7 @@
 """``lipforcing bench``: registered in the command line's registry (``engine.app.cli.command``).
 
     lipforcing bench [--model 1.3b] [--variants reference,+streams] [--out R.json] [--compare BASE.json]
+    lipforcing bench-serve --url ws://HOST:PORT --avatar NAME [--sessions 1,2,4,8 --seconds 30] [--out R.json]
 """
 
 from __future__ import annotations
@@ -88,3 +89,44 @@ def _bench(args: argparse.Namespace) -> int:
         dump(report, args.out)
     print(json.dumps(report))
     return status
+
+
+@command("bench-serve", "load-test a running server: N live sessions at once, latency and FPS per session")
+def _bench_serve_args(p: argparse.ArgumentParser) -> None:
+    import os
+
+    p.add_argument("--url", default="ws://127.0.0.1:8080")
+    p.add_argument("--token", default=os.environ.get("LIPFORCING_TOKEN"), help="default: $LIPFORCING_TOKEN")
+    p.add_argument("--avatar", required=True, help="the name of an avatar the server holds")
+    p.add_argument("--sessions", default="8", help="sessions at once; a list (1,2,4,8) runs one load per count and "
+                                                   "reports the most that ran in real time")
+    p.add_argument("--seconds", type=float, default=30.0, help="speech per session, streamed in real time")
+    p.add_argument("--max-latency", type=float, default=1.0, metavar="SECONDS",
+                   help="p95 chunk latency under which a load counts as real time (default 1.0)")
+    p.add_argument("--speech", default=None, help="a speech file (default: synthesized speech)")
+    p.add_argument("--lookahead", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.set_defaults(run=_bench_serve)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from ..engine.app.session import DEFAULT_LOOKAHEAD_S
+    from .serve_load import LoadConfig, format_load, sweep
+
+    try:
+        counts = [int(n) for n in args.sessions.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sessions {args.sessions}: give a count or a comma-separated list of counts") from None
+    if not counts or min(counts) < 1 or args.seconds <= 0 or args.max_latency <= 0:
+        raise ConfigError("--sessions counts must be >= 1, --seconds and --max-latency positive")
+    report = sweep(LoadConfig(
+        url=args.url, token=args.token or None, avatar=args.avatar, sessions=counts[0], seconds=args.seconds,
+        speech=args.speech, lookahead=DEFAULT_LOOKAHEAD_S if args.lookahead is None else args.lookahead,
+        max_latency_s=args.max_latency,
+    ), counts)
+    print("\n\n".join(format_load(load) for load in report["loads"]))
+    if len(counts) > 1:
+        print(f"\nsessions in real time: {report['sessions_at_real_time']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0 if report["all_ok"] else 1
