@@ -538,6 +538,20 @@ def test_busy_idle_and_upload_limits(workdir, tiny_avatar_file, speech):
         assert server.stop() == 0
 
 
+def test_a_server_that_cannot_start_says_why_and_exits(server):
+    """Missing weights end the process with status 2 and the list of files (not a server answering 500), and so
+    does a port another server holds (before the warm-up)."""
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lipforcing.cli", "serve", *args], capture_output=True,
+                              text=True, timeout=120)
+
+    missing = serve("--port", str(_free_port()), "--model", "1.3b", "--device", "cpu")
+    assert missing.returncode == 2 and "error: the server cannot start" in missing.stderr, missing.stderr
+    assert "--ckpt (not given)" in missing.stderr and "Traceback" not in missing.stderr
+    taken = serve("--port", str(server.port), *TINY_ARGS)
+    assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{server.port}" in taken.stderr, taken.stderr
+
+
 def test_sigterm_tells_every_session_and_leaves_no_files(workdir, tiny_avatar_file, tmp_path):
     avatars = workdir / "avatars-term"
     avatars.mkdir()

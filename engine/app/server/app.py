@@ -74,9 +74,12 @@ class ServerState:
         self.peers: dict = {}  # WebRTC peer connection -> its closing-message function
 
     def start(self) -> None:
-        """Build and warm the engine, load the avatars (blocking: run it in a thread)."""
+        """Build and warm the engine, load the avatars (blocking: run it in a thread). Once only; a failure is
+        kept in ``failed``."""
         from ..avatar import Avatar
 
+        if self.ready or self.failed:
+            return
         try:
             engine = build_engine(self.options.run_config, self.options.weights)
             engine.warm_up()
@@ -89,7 +92,6 @@ class ServerState:
             log.warning("lipforcing serve: ready (%s, %d avatar(s))", engine.path["model"], len(self.avatars))
         except LipforcingError as exc:
             self.failed = str(exc)
-            log.error("lipforcing serve: cannot start: %s", exc)
 
     async def close_connections(self, reason: str) -> None:
         """Tell every session it ends (``closing``) and close the connections (server shutdown)."""
@@ -336,6 +338,9 @@ def build_app(options: ServerOptions):
     @asynccontextmanager
     async def lifespan(app):
         await asyncio.to_thread(state.start)
+        if state.failed:  # (Ray Serve: the replica fails to start and says why)
+            log.error("lipforcing serve: cannot start: %s", state.failed)
+            raise RuntimeError(f"lipforcing serve cannot start: {state.failed}")
         yield
         await state.stop()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from ...errors import LipforcingError
 from . import protocol
 from .app import ServerOptions, build_app
 
@@ -31,6 +32,9 @@ def run_server(options: ServerOptions, *, host: str = "127.0.0.1", port: int = 8
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", ws_max_size=protocol.MAX_MESSAGE,
                             lifespan="on", timeout_graceful_shutdown=10)
     log.warning("lipforcing serve: http://%s:%d (warming up)", host, port)
+    state.start()  # before listening: a server that cannot start says why and exits (status 2)
+    if state.failed:
+        raise LipforcingError(f"the server cannot start: {state.failed}")
     # uvicorn re-raises the signal that stopped it once it has shut down, which would end the process with
     # status 143 (SIGTERM) or a KeyboardInterrupt after a clean shutdown: the handlers in place meanwhile
     # take that re-raised signal and ignore it.
