@@ -407,6 +407,47 @@ def _measure_lookahead(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("eval", "quality metrics of predicted videos against references (SSIM, PSNR, LMD, Sync-C/D, FID, FVD, CSIM)")
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pred", required=True, metavar="FILE|DIR", help="the video(s) to score")
+    p.add_argument("--ref", required=True, metavar="FILE|DIR", help="the reference video(s), paired by file name")
+    p.add_argument("--audio", default=None, help="speech for Sync-C/D (default: the videos' own audio track)")
+    p.add_argument("--weights", default=None, metavar="DIR",
+                   help="syncnet_v2.model, inception-2015-12-05.pt, i3d_torchscript.pt, arcface.onnx (any subset; "
+                        "a metric whose file is missing is reported as unavailable)")
+    p.add_argument("-o", "--output", required=True, help="the JSON report")
+    p.add_argument("--plot", default=None, metavar="PNG", help="per-frame SSIM and the aggregate table as a PNG")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--random-features", action="store_true",
+                   help="random-weight networks in place of missing weights (to try the pipeline; meaningless numbers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..media.io import write_json
+    from ..quality.evaluate import EvalConfig, evaluate, write_plot
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    report = evaluate(args.pred, args.ref, EvalConfig(weights=args.weights, audio=args.audio, device=device,
+                                                      random_features=args.random_features,
+                                                      progress=not args.quiet))
+    write_json(args.output, report)
+    if args.plot:
+        write_plot(report, args.plot)
+    agg = report["aggregate"]
+    print(f"{len(report['videos'])} video(s): " + ", ".join(f"{k} {v}" for k, v in agg.items()
+                                                          if not k.endswith(("_note", "_clips"))))
+    for metric, why in report["unavailable"].items():
+        print(f"{metric}: unavailable, needs {why['needs']} ({why['what']}; from {why['from']})")
+    if report["note"]:
+        print(f"note: {report['note']}")
+    print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
 @command("demo", "run the whole pipeline on a locally built input (tiny model, no downloads)")
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="demo.mp4")

@@ -14,7 +14,6 @@ the speech (or refused at once with ``--require-face``) without running the netw
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MediaError, NoFaceError
-from ..media.io import BackgroundWriter, VideoWriter, load_audio, probe, read_frames
+from ..media.io import BackgroundWriter, VideoWriter, load_audio, probe, read_frames, write_json
 from ..media.length import AUDIO_RATE, OUTPUT_FPS, clip_length_from_samples
 from .engine import Engine
 
@@ -109,7 +108,7 @@ def run_video(
                    fps=round(summary["frames"] / steady, 2) if steady > 0 else None, path=engine.path,
                    fields=SUMMARY_FIELDS)
     if report is not None:
-        _write_json(Path(report), summary)
+        write_json(Path(report), summary)
     return summary
 
 
@@ -187,16 +186,6 @@ def _copy_through(video, out, n, info, mux_audio, mux_rate, progress) -> dict:
     bar.close()
     return {"frames": frames, "chunks": 0, "frames_passed_through": frames, "faces_found": 0,
             "warm_up_seconds": 0.0}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise MediaError(f"{path}: cannot write the report ({exc})") from None
 
 
 def format_summary(summary: dict) -> str:

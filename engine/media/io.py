@@ -328,6 +328,31 @@ def load_audio(path: str | os.PathLike[str], sr: int | None = AUDIO_RATE, *, mon
 # Writing video
 
 
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix) to write to; renamed onto ``path`` when the block succeeds,
+    removed when it fails, so ``path`` is either complete or untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON atomically; a failure to write is a MediaError naming the file."""
+    import json
+
+    try:
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(data, indent=2))
+    except OSError as exc:
+        raise MediaError(f"{path}: cannot write ({exc})") from None
+
+
 def _remove_file(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

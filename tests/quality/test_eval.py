@@ -1,0 +1,295 @@
+"""lipforcing eval: the metrics on shared clips (random-weight feature networks), the Sync-C/D arithmetic on
+known distance tables, SyncNet's preprocessing conventions, missing weights and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("scipy")
+pytest.importorskip("av")
+
+from lipforcing.cli import main  # noqa: E402
+from lipforcing.engine.quality import features, image, syncnet  # noqa: E402
+from lipforcing.engine.quality.compare import compare_outputs, quality_gate  # noqa: E402
+
+FRAMES = 40  # 1.6 s: 35 SyncNet windows, two 16-frame FVD clips
+
+
+def _write(path, frames, audio=None):
+    from lipforcing.engine.media.io import VideoWriter
+
+    with VideoWriter(path, frames.shape[2], frames.shape[1], audio=audio) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip(shared_dir, tmp_path_factory):
+    """(frames, speech, folder): the first 40 frames of a shared clip with its speech, written as ref/face1.mp4
+    (the frames that come back from decoding are the ones the metrics see)."""
+    pytest.importorskip("mediapipe")
+    from lipforcing.engine.media.io import VideoReader, load_audio, read_frames
+
+    src = shared_dir / "assets/clips/face1.mp4"
+    speech = load_audio(src)[: FRAMES * 640]
+    folder = tmp_path_factory.mktemp("eval")
+    (folder / "ref").mkdir()
+    path = _write(folder / "ref/face1.mp4", np.stack(list(read_frames(src, FRAMES))), speech)
+    with VideoReader(path) as reader:
+        frames = np.stack(list(reader))
+    return frames, speech, folder
+
+
+@pytest.fixture(scope="module")
+def mouth_boxes(clip):
+    from lipforcing.engine.media.face import FaceAligner
+    from lipforcing.engine.quality.faces import track_faces
+
+    with FaceAligner("mediapipe") as aligner:
+        return track_faces(clip[0], aligner).mouth_boxes(margin=0.0)
+
+
+def _eval(tmp_path, pred, ref, *extra) -> tuple[int, dict]:
+    out = tmp_path / "report.json"
+    code = main(["eval", "--pred", str(pred), "--ref", str(ref), "-o", str(out), "--quiet", "--device", "cpu",
+                 *extra])
+    return code, json.loads(out.read_text()) if out.exists() else {}
+
+
+def test_a_video_against_itself(clip, tmp_path):
+    """SSIM 1, PSNR inf (written as such), LMD 0, FID ~ 0, CSIM 1, and the same Sync-C as the reference; the
+    JSON and the plot are written."""
+    frames, _, folder = clip
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    shutil.copy(folder / "ref/face1.mp4", pred / "face1.mp4")
+    plot = tmp_path / "report.png"
+    code, report = _eval(tmp_path, pred, folder / "ref", "--random-features", "--plot", str(plot))
+    assert code == 0
+    video, agg = report["videos"][0], report["aggregate"]
+    assert video["frames"] == FRAMES and video["name"] == "face1"
+    assert video["ssim"] == 1.0 and video["psnr"] == "inf" and agg["psnr"] == "inf"
+    assert video["ssim_mouth"] == 1.0 and video["psnr_mouth"] == "inf"
+    assert video["lmd"] == 0.0 and video["lmd_frames"] == FRAMES
+    assert video["fid"] == pytest.approx(0, abs=1e-3) and agg["fid"] == pytest.approx(0, abs=1e-3)
+    assert agg["fvd"] == pytest.approx(0, abs=1e-3) and agg["fvd_clips"] == 2
+    assert video["csim"] == pytest.approx(1.0) and agg["csim"] == pytest.approx(1.0)
+    assert video["sync_c"] == video["sync_c_ref"]
+    assert FRAMES - 6 <= video["sync_windows"] <= FRAMES - 5  # (AAC may end a few samples short of 40 frames)
+    assert -15 <= video["av_offset"] <= 15
+    assert report["unavailable"] == {} and set(report["random_weights"]) == {"sync", "fid", "fvd", "csim"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_tiny_models_output_against_its_source(clip, tmp_path):
+    """The done-when case: ``lipforcing run`` (tiny model, random weights) on 21 frames of a shared clip, then
+    ``lipforcing eval`` of its output against the source writes the JSON and the plot; the repainted mouth
+    shows (the tiny model's mouth is noise, so the mouth region differs more than the frame)."""
+    frames, speech, _ = clip
+    ref = _write(tmp_path / "face1.mp4", frames[:21], speech[: 21 * 640])
+    (tmp_path / "out").mkdir()
+    pred = tmp_path / "out/face1.mp4"
+    assert main(["run", str(ref), "-o", str(pred), "--model", "tiny", "--device", "cpu", "--dtype", "fp32",
+                 "--encoder", "taehv", "--quiet"]) == 0
+    plot = tmp_path / "tiny.png"
+    code, report = _eval(tmp_path, pred, ref, "--random-features", "--plot", str(plot))
+    assert code == 0 and plot.stat().st_size > 0
+    video = report["videos"][0]
+    assert video["frames"] == 21 and video["psnr"] != "inf"
+    assert video["ssim_mouth"] < video["ssim"] < 1
+    assert video["lmd"] > 0 and 0 < video["csim"] < 1
+
+
+def test_a_blurred_mouth_shows_in_the_mouth_region(clip, mouth_boxes, tmp_path):
+    """Blurring only the mouth lowers the mouth-region SSIM far more than the whole frame's; blurring the whole
+    frame lowers the whole frame's SSIM and PSNR."""
+    import cv2
+
+    frames, speech, folder = clip
+    mouth = frames.copy()
+    for frame, (x, y, w, h) in zip(mouth, mouth_boxes):
+        frame[y : y + h, x : x + w] = cv2.GaussianBlur(frame[y : y + h, x : x + w], (0, 0), 4)
+    whole = np.stack([cv2.GaussianBlur(f, (0, 0), 4) for f in frames])
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    _write(pred / "face1.mp4", mouth, speech)
+    code, report = _eval(tmp_path, pred, folder / "ref")
+    assert code == 0
+    m = report["videos"][0]
+    assert m["ssim_mouth"] < m["ssim"] - 0.05, m  # the mouth region shows the damage; the whole frame hides it
+    assert m["lmd"] >= 0
+    _write(pred / "face1.mp4", whole, speech)
+    code, report = _eval(tmp_path, pred, folder / "ref")
+    w = report["videos"][0]
+    assert code == 0 and w["ssim"] < min(0.97, m["ssim"]) and w["psnr"] != "inf" and w["psnr"] < 40
+
+
+def test_missing_weights_are_reported_unavailable(clip, tmp_path, capsys):
+    frames, _, folder = clip
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    code, report = _eval(tmp_path, folder / "ref/face1.mp4", folder / "ref/face1.mp4", "--weights", str(weights))
+    assert code == 0
+    assert set(report["unavailable"]) == {"sync", "fid", "fvd", "csim"}
+    assert report["unavailable"]["sync"]["needs"] == "syncnet_v2.model"
+    assert "robots.ox.ac.uk" in report["unavailable"]["sync"]["from"]
+    assert report["unavailable"]["fid"]["needs"] == "inception-2015-12-05.pt"
+    assert report["videos"][0]["ssim"] == 1.0 and "sync_c" not in report["videos"][0]  # the others still ran
+    assert "sync: unavailable, needs syncnet_v2.model" in capsys.readouterr().out
+
+
+def test_weights_in_the_folder_are_used(clip, tmp_path):
+    """SyncNet weights saved as the release does (a flat state dict) and an ArcFace ONNX model are loaded
+    from --weights; the ONNX model runs on onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    frames, _, folder = clip
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.save(syncnet.random_syncnet(seed=3).state_dict(), weights / "syncnet_v2.model")
+    arcface = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, 8), torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 16))
+    torch.onnx.export(arcface, (torch.zeros(1, 3, 112, 112),), str(weights / "arcface.onnx"), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    code, report = _eval(tmp_path, folder / "ref/face1.mp4", folder / "ref/face1.mp4", "--weights", str(weights))
+    assert code == 0 and set(report["unavailable"]) == {"fid", "fvd"} and report["random_weights"] == []
+    assert report["videos"][0]["csim"] == pytest.approx(1.0)
+    assert FRAMES - 6 <= report["videos"][0]["sync_windows"] <= FRAMES - 5
+
+
+def test_bad_input_gets_a_clear_error_naming_the_file(clip, tmp_path, capsys):
+    frames, speech, folder = clip
+    ref = folder / "ref/face1.mp4"
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    assert _eval(tmp_path, broken, ref)[0] == 2
+    assert f"{broken}" in capsys.readouterr().err
+    short = _write(tmp_path / "short.mp4", frames[:20])
+    assert _eval(tmp_path, short, ref)[0] == 2
+    err = capsys.readouterr().err
+    assert "short.mp4: 20 frames" in err and f"has {FRAMES}" in err and "Traceback" not in err
+    blank = np.full((FRAMES, 128, 128, 3), 90, np.uint8)
+    no_face = _write(tmp_path / "blank.mp4", blank)
+    assert _eval(tmp_path, no_face, no_face)[0] == 2
+    assert "blank.mp4: no face was found" in capsys.readouterr().err
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    shutil.copy(ref, tmp_path / "p/other.mp4")
+    assert _eval(tmp_path, tmp_path / "p", tmp_path / "r")[0] == 2
+    assert "no reference video" in capsys.readouterr().err and not (tmp_path / "report.json").exists()
+
+
+# --- Sync-C / Sync-D -------------------------------------------------------------------------------------------
+
+
+def test_sync_scores_of_known_distance_tables():
+    table = np.full((4, 31), 8.0)
+    table[:, 10] = [2.0, 3.0, 4.0, 3.0]  # the best offset: column 10
+    table[:, 20] = 6.0
+    result = syncnet.sync_scores(table)
+    assert result.sync_d == pytest.approx(3.0)  # the minimum of the mean distances
+    assert result.sync_c == pytest.approx(8.0 - 3.0)  # the median (8) minus the minimum
+    assert result.offset == 15 - 10 and result.windows == 4
+    flat = syncnet.sync_scores(np.full((3, 31), 5.0))
+    assert flat.sync_c == 0.0 and flat.offset == 15  # no preference: the first column
+    with pytest.raises(ValueError):
+        syncnet.sync_scores(np.zeros((3, 30)))
+
+
+def test_the_distance_table_finds_a_shift():
+    """Video window i equal to audio window i + 3: the distance is 0 three columns right of centre, so the
+    offset is -3 (the reference's sign), and a zero-padded end is no match."""
+    g = torch.Generator().manual_seed(0)
+    audio = torch.randn(40, 16, generator=g)
+    video = torch.cat([audio[3:], torch.randn(3, 16, generator=g)])
+    table = syncnet.distance_table(video, audio)
+    assert table.shape == (40, 31)
+    assert np.allclose(table[:37, 18], 0, atol=1e-3)
+    assert table[0, :15].min() > 1  # windows before the start are zero vectors, far from any embedding
+    assert syncnet.sync_scores(table).offset == -3
+
+
+# --- SyncNet preprocessing ---------------------------------------------------------------------------------------
+
+
+def test_syncnet_preprocessing_on_a_shared_clip(clip, mouth_boxes):
+    """Window counts, MFCC shape, BGR crops, the 110 padding, int16 scaling and the offset range, with random
+    weights on a shared clip."""
+    from lipforcing.engine.media.face import FaceAligner
+    from lipforcing.engine.quality.faces import track_faces
+
+    frames, speech, _ = clip
+    ceps = syncnet.mfcc(syncnet.int16_scale(speech))
+    assert ceps.shape == (1 + math.ceil((speech.size - 400) / 160), 13)  # 100 per second
+    # int16 scaling moves only the energy coefficient (by 2 ln 32767); a float waveform is the classic mistake
+    assert np.array_equal(syncnet.int16_scale(speech), np.round(np.clip(speech, -1, 1) * 32767))
+    scaled, float_ceps = syncnet.mfcc(speech.astype(np.float64) * 32767), syncnet.mfcc(speech)
+    assert np.allclose(scaled[:, 1:], float_ceps[:, 1:], atol=1e-6)
+    assert np.allclose(scaled[:, 0] - float_ceps[:, 0], 2 * math.log(32767), atol=1e-6)
+    assert syncnet.window_count(len(frames), speech.size) == FRAMES - 5
+    with FaceAligner("mediapipe") as aligner:
+        boxes = track_faces(frames, aligner).face_boxes()
+    crops = syncnet.syncnet_crops(frames, boxes)
+    assert crops.shape == (FRAMES, 224, 224, 3) and crops.dtype == np.uint8
+    red = np.zeros((3, 100, 100, 3), np.uint8)
+    red[..., 0] = 255
+    edge = syncnet.syncnet_crops(red, np.array([[0.0, 0.0, 60.0, 60.0]] * 3))
+    assert (edge[:, 150:, 150:, 2] == 255).all() and (edge[:, 150:, 150:, :2] == 0).all()  # BGR: red is last
+    assert (edge[:, :5, :5] == 110).all()  # outside the frame: the reference's padding value
+    net = syncnet.random_syncnet()
+    video, audio = syncnet.embed(net, crops, ceps, samples=speech.size)
+    assert video.shape == audio.shape == (FRAMES - 5, 1024)
+    result = syncnet.score(net, frames, boxes, speech)
+    assert result.windows == FRAMES - 5 and -15 <= result.offset <= 15 and result.sync_c >= 0
+    with pytest.raises(Exception, match="too short for SyncNet"):
+        syncnet.embed(net, crops[:5], ceps)
+
+
+def test_syncnet_weights_load_with_the_released_key_names(tmp_path):
+    net = syncnet.random_syncnet(seed=5)
+    assert "netcnnaud.0.weight" in net.state_dict() and "netfclip.3.bias" in net.state_dict()
+    torch.save({f"__S__.{k}": v for k, v in net.state_dict().items()}, tmp_path / "prefixed.model")
+    loaded = syncnet.load_syncnet(tmp_path / "prefixed.model")
+    x = torch.randn(2, 1, 13, 20)
+    assert torch.equal(loaded.forward_aud(x), net.forward_aud(x))
+    torch.save({"netcnnaud.0.weight": torch.zeros(64, 1, 3, 3)}, tmp_path / "partial.model")
+    with pytest.raises(Exception, match="not syncnet_v2 weights"):
+        syncnet.load_syncnet(tmp_path / "partial.model")
+
+
+# --- the pieces -----------------------------------------------------------------------------------------------------
+
+
+def test_ssim_and_psnr_basics():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert np.allclose(image.ssim_per_frame(a, a), 1.0) and image.psnr(a, a) == math.inf
+    b = np.clip(a.astype(int) + 10, 0, 255).astype(np.uint8)
+    assert image.psnr(a, b) == pytest.approx(10 * math.log10(255**2 / image.mse(a, b)))
+    assert (image.ssim_per_frame(a, 255 - a) < 0.2).all()
+
+
+def test_frechet_distance_of_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4000, 3))
+    assert features.frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
+    shifted = a + np.array([2.0, 0.0, 0.0])
+    assert features.frechet_distance(a, shifted) == pytest.approx(4.0, rel=1e-6)  # |mu_a - mu_b|^2
+    scaled = a * 2  # same mean: tr(S + 4S - 2 * 2S) = tr(S) ~ 3
+    assert features.frechet_distance(a, scaled) == pytest.approx(3.0, rel=0.05)
+
+
+def test_the_quality_gate():
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    noisy = np.clip(ref + rng.normal(0, 25, ref.shape), 0, 255).astype(np.uint8)
+    results = compare_outputs(ref, {"same": ref.copy(), "perturbed": noisy})
+    assert results["same"]["drop_pct"] == 0 and results["same"]["psnr"] == "inf"
+    assert results["perturbed"]["drop_pct"] > 5
+    failures = quality_gate(results, max_drop=1.0)
+    assert len(failures) == 1 and failures[0].startswith("perturbed: quality drop")
