@@ -32,6 +32,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--compare", default=None, help="baseline JSON report (same device and model) to gate against")
     p.add_argument("--max-regression", type=float, default=5.0, help="allowed FPS drop in percent")
+    p.add_argument("--quality", action="store_true",
+                   help="also compare each variant's frames with the reference path's (PSNR, SSIM, Sync-C)")
+    p.add_argument("--quality-weights", default=None, metavar="DIR", help="a folder with syncnet_v2.model (Sync-C)")
+    p.add_argument("--max-quality-drop", type=float, default=None, metavar="PERCENT",
+                   help="with --quality: exit 1 when a variant's quality drop exceeds this (a gate for your CI)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_bench)
 
@@ -62,10 +67,15 @@ def _bench(args: argparse.Namespace) -> int:
         if not sessions or min(sessions) < 1:
             raise ConfigError(f"--sessions takes positive numbers separated by commas, got {args.sessions!r}")
         variants = ()
+    if args.max_quality_drop is not None and (not args.quality or args.max_quality_drop < 0):
+        raise ConfigError("--max-quality-drop PERCENT (>= 0) applies with --quality")
+    if args.quality and args.avatar:
+        raise ConfigError("--quality compares the ablation's variants; it does not apply with --avatar")
     cfg = BenchConfig(
         model=args.model or ("1.3b" if cuda else "tiny"), ckpt=args.ckpt, device="cuda" if cuda else "cpu",
         dtype=args.dtype, encoder=args.encoder or ("wan" if cuda else "taehv"), frame_hw=(h, w), chunks=chunks,
-        variants=variants, avatar_sessions=sessions, progress=not args.quiet,
+        variants=variants, avatar_sessions=sessions, quality=args.quality, quality_weights=args.quality_weights,
+        progress=not args.quiet,
     )
     baseline = None
     if args.compare:
@@ -85,6 +95,15 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"compare: FAIL {line}")
         status = 1 if failures else 0
         report["compare"] = {"baseline": args.compare, "failures": failures, "notes": notes}
+    if args.max_quality_drop is not None:
+        from ..engine.quality.compare import quality_gate
+
+        failures = quality_gate({k: v["quality"] for k, v in report["results"].items() if "quality" in v},
+                                args.max_quality_drop)
+        for line in failures:
+            print(f"quality: FAIL {line}")
+        status = max(status, 1 if failures else 0)
+        report["quality_gate"] = {"max_drop_pct": args.max_quality_drop, "failures": failures}
     if args.out:
         dump(report, args.out)
     print(json.dumps(report))

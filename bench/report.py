@@ -16,6 +16,10 @@ from ..engine.errors import ConfigError
 SCHEMA = "lipforcing-bench/2"
 
 FIELDS: dict[str, str] = {
+    "quality": "with --quality: the variant's frames against the reference path's on the same inputs: PSNR and SSIM "
+               "(whole frame, per frame, averaged), Sync-C of both with SyncNet weights, and drop_pct = the larger "
+               "of 100 (1 - SSIM) and the relative fall of Sync-C; the reference's own entry compares a second "
+               "run of it with the first (0 when the path is deterministic). --max-quality-drop gates drop_pct",
     "results": "one entry per ablation variant (reference, +kernels, +graphs, +streams, +decoder), each the "
                "LipSync session of 'lipforcing run' on synthetic frames, alignment and paste-back included; with "
                "--avatar one entry per number of concurrent sessions on a prepared avatar (avatar-1, avatar-2, ...)",

@@ -77,6 +77,11 @@ class BenchConfig:
     """Ablation variants to measure (empty with ``avatar_sessions``)."""
     avatar_sessions: tuple[int, ...] = ()
     """Measure the prepared-avatar path with these numbers of concurrent sessions (e.g. 1, 2, 4)."""
+    quality: bool = False
+    """Also compare each variant's frames with the reference path's (``quality`` in each result; the reference
+    is run twice and compared with itself)."""
+    quality_weights: str | None = None
+    """A folder with syncnet_v2.model: Sync-C joins the comparison."""
     progress: bool = True
 
 
@@ -176,14 +181,21 @@ def synthetic_clip(frame_hw: tuple[int, int], chunks: int) -> tuple[list[np.ndar
     return moving_frames(canvas, n), speech
 
 
-def _run_session(engine: Engine, frames: list[np.ndarray], speech: np.ndarray) -> dict:
-    """One clip through a session, frames pushed as fast as the session takes them."""
+def _run_session(engine: Engine, frames: list[np.ndarray], speech: np.ndarray, keep: list | None = None) -> dict:
+    """One clip through a session, frames pushed as fast as the session takes them (the finished frames are
+    appended to ``keep`` when given)."""
     session = engine.session(speech, timing=True)
     began = time.perf_counter()
     received = 0
     for frame in frames:
-        received += len(session.push(frame))
-    received += len(session.close())
+        out = session.push(frame)
+        received += len(out)
+        if keep is not None:
+            keep.extend(out)
+    out = session.close()
+    received += len(out)
+    if keep is not None:
+        keep.extend(out)
     ended = time.perf_counter()
     summary = session.summary()
     summary.update(began=began, ended=ended, received=received, chunk_done=list(session.chunk_done),
@@ -191,13 +203,13 @@ def _run_session(engine: Engine, frames: list[np.ndarray], speech: np.ndarray) -
     return summary
 
 
-def _measure(engine: Engine, frames, speech) -> dict:
+def _measure(engine: Engine, frames, speech, keep: list | None = None) -> dict:
     device = engine.device
     warm = engine.warm_up()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    run = _run_session(engine, frames, speech)
+    run = _run_session(engine, frames, speech, keep)
     if run["chunks"] != len(run["chunk_done"]):
         raise ConfigError(f"the face of the synthetic frames was not found in every chunk ({run['chunks']} of "
                           f"{len(run['chunk_done'])}): use a larger --frame-size")
@@ -354,11 +366,14 @@ def run_bench(cfg: BenchConfig) -> dict:
     networks = build_networks(cfg)
     base = RunConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, encoder=cfg.encoder, decoder=cfg.decoder)
     frames, speech = synthetic_clip(cfg.frame_hw, cfg.chunks + 2)
-    results, seen_paths = {}, []
+    results, seen_paths, outputs = {}, [], {}
+    variants = cfg.variants
+    if cfg.quality and variants and variants[0] != "reference":
+        variants = ("reference", *(v for v in variants if v != "reference"))
     if cfg.avatar_sessions:
         results.update(_avatar_results(cfg, networks, base, frames, speech))
-    with tqdm(total=len(cfg.variants), unit="variant", desc="bench", disable=not cfg.progress) as bar:
-        for name in cfg.variants:
+    with tqdm(total=len(variants), unit="variant", desc="bench", disable=not cfg.progress) as bar:
+        for name in variants:
             run_cfg, skipped = variant_config(name, base, device)
             engine = Engine(run_cfg, networks)
             if engine.path in seen_paths:
@@ -366,7 +381,14 @@ def run_bench(cfg: BenchConfig) -> dict:
                 results[name] = {"skipped": skipped, "same_path_as": same}
             else:
                 seen_paths.append(engine.path)
-                results[name] = {**_measure(engine, frames, speech), "skipped": skipped}
+                keep = [] if cfg.quality else None
+                results[name] = {**_measure(engine, frames, speech, keep), "skipped": skipped}
+                if cfg.quality:
+                    outputs[name] = np.stack(keep)
+                    if name == "reference":  # the reference against itself: a second run (is it deterministic?)
+                        again: list = []
+                        _run_session(engine, frames, speech, again)
+                        outputs["reference (second run)"] = np.stack(again)
             engine.close()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -375,6 +397,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     if "reference" in measured:
         for res in measured.values():
             res["speedup_vs_reference"] = round(res["fps"] / measured["reference"]["fps"], 3)
+    if cfg.quality:
+        _add_quality(cfg, results, outputs, speech)
     cuda = device.type == "cuda"
     return {
         "schema": SCHEMA,
@@ -389,6 +413,24 @@ def run_bench(cfg: BenchConfig) -> dict:
                    "avatar_sessions": list(cfg.avatar_sessions), "commit": _commit()},
         "results": results,
     }
+
+
+def _add_quality(cfg: BenchConfig, results: dict, outputs: dict, speech: np.ndarray) -> None:
+    """``quality`` of every measured variant: its frames against the reference path's (see
+    ``engine.quality.compare``); the reference's own entry compares its second run with its first."""
+    from ..engine.quality.compare import compare_outputs
+    from ..engine.quality.syncnet import WEIGHTS_FILE, load_syncnet
+
+    net, note = None, f"Sync-C: needs {WEIGHTS_FILE} in --quality-weights"
+    if cfg.quality_weights:
+        path = Path(cfg.quality_weights) / WEIGHTS_FILE
+        if path.is_file():
+            net, note = load_syncnet(path), None
+    reference = outputs.pop("reference")
+    compared = compare_outputs(reference, outputs, speech=speech, syncnet_net=net)
+    compared["reference"] = compared.pop("reference (second run)")
+    for name, entry in compared.items():
+        results[name]["quality"] = {**entry, **({"note": note} if note else {})}
 
 
 def format_report(report: dict) -> str:
@@ -409,6 +451,12 @@ def format_report(report: dict) -> str:
                      f"{stages}{speed}")
         for why in res["skipped"]:
             lines.append(f"{'':>12}without {why}")
+        if "quality" in res:
+            q = res["quality"]
+            against = "its second run" if name == "reference" else "the reference"
+            sync = f", Sync-C {q['sync_c']} (reference {q['sync_c_reference']})" if "sync_c" in q else ""
+            lines.append(f"{'':>12}quality vs {against}: PSNR {q.get('psnr')}, SSIM {q.get('ssim')}{sync}, "
+                         f"drop {q['drop_pct']:.3f} %")
     return "\n".join(lines)
 
 

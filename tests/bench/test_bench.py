@@ -77,7 +77,7 @@ BENCH = ["bench", "--device", "cpu", "--frame-size", "480x640", "--chunks", "1",
 @pytest.fixture(scope="module")
 def cpu_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "cpu.json"
-    assert main([*BENCH, "--out", str(out)]) == 0
+    assert main([*BENCH, "--quality", "--max-quality-drop", "1", "--out", str(out)]) == 0
     return out, json.loads(out.read_text())
 
 
@@ -100,6 +100,12 @@ def test_cpu_bench_measures_the_session_with_the_ablation(cpu_report):
         assert res["fps"] > 0 and res["ttff_ms"] > 0
         assert {"face alignment", "encode", "student", "decode", "paste-back"} <= set(res["stage_ms"])
     assert results["reference"]["speedup_vs_reference"] == 1.0
+    # --quality: the reference against a second run of itself is exact; the fast paths reproduce it
+    assert results["reference"]["quality"]["drop_pct"] == 0 and results["reference"]["quality"]["psnr"] == "inf"
+    for name in ("+graphs", "+streams", "+decoder"):
+        assert results[name]["quality"]["drop_pct"] <= 1, results[name]["quality"]
+        assert "syncnet_v2.model" in results[name]["quality"]["note"]  # Sync-C needs weights: said, not faked
+    assert report["quality_gate"] == {"max_drop_pct": 1.0, "failures": []}
     for key in ("fps", "ttff_ms", "stage_ms", "achieved_tflops", "path", "skipped"):
         assert key in report["fields"]
 
@@ -125,6 +131,7 @@ def test_bench_rejects_bad_options(capsys):
     assert main(["bench", "--device", "cpu", "--chunks", "0"]) == 2
     assert main(["bench", "--device", "cpu", "--variants", "fast"]) == 2
     assert main(["bench", "--device", "cpu", "--frame-size", "big"]) == 2
+    assert main(["bench", "--device", "cpu", "--max-quality-drop", "1"]) == 2  # applies with --quality
     assert "error:" in capsys.readouterr().err
 
 

@@ -59,9 +59,14 @@ def run_ray(options: ServerOptions, *, replicas: int, host: str = "127.0.0.1", p
     from ray import serve
 
     cuda = options.run_config.device.startswith("cuda")
+    verbose = log.isEnabledFor(logging.INFO)
+    if not verbose:  # Ray's own lines (token-auth notice, Serve's INFO) only with -v
+        for name in ("ray", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              ignore_reinit_error=True)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port},
+                logging_config=None if verbose else serve.schema.LoggingConfig(log_level="WARNING"))
 
     def builder():
         return build_app(options)
