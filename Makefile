@@ -4,8 +4,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,media
+BUILD ?= build
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup native demo test test-all lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,11 +25,18 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/lipforcing demo -o demo.mp4
 
-test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+# The C ABI, lipforcing_host and their ctest cases (CMakeLists.txt), against the Python of $(VENV).
+native: setup
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPython3_EXECUTABLE=$(abspath $(PY)) >/dev/null
+	cmake --build $(BUILD)
 
-test-all: setup
+test: setup native
+	$(PY) -m pytest -q -p no:cacheprovider
+	ctest --test-dir $(BUILD) --output-on-failure
+
+test-all: setup native
 	$(PY) -m pytest -q -p no:cacheprovider -m "slow or not slow"
+	ctest --test-dir $(BUILD) --output-on-failure
 
 lint: setup
 	$(VENV)/bin/ruff check .

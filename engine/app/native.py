@@ -1,0 +1,144 @@
+"""The Python side of the C ABI (``include/lipforcing.h``): the same ``LipSync`` session, driven from C.
+
+The C library embeds CPython (or joins the interpreter of a Python host), imports this module and calls
+``NativeSession``; it passes plain bytes and numbers only. Engines are shared: sessions created with the same
+configuration reuse one loaded engine (its weights), so creating and destroying sessions costs no reload.
+
+    s = NativeSession({"model": "tiny", "device": "cpu"})
+    s.push_speech(float32_bytes, 16000); s.end_speech()        # the whole clip (or live=1: as it is spoken)
+    s.push_frame(rgb_bytes, width, height, stride)              # any size; frames come out at the source size
+    s.pop(timeout_s) -> (index, rgb_bytes, width, height) | None (none yet) | "end" (closed and drained)
+    s.close()                                                   # flush: the rest becomes poppable
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+
+from ..errors import ConfigError, LipforcingError
+from .engine import Engine, RunConfig, Weights, build_engine
+
+CONFIG_KEYS = {"model", "device", "dtype", "encoder", "decoder", "backend", "scheduler", "pipeline", "seed"}
+WEIGHT_KEYS = {"ckpt", "vae", "taehv", "wav2vec", "text_embeds"}
+_engines: dict[tuple, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+class StateError(LipforcingError):
+    """A call out of order (a frame before the speech is complete, a push after close)."""
+
+
+def _engine(config: dict) -> Engine:
+    unknown = set(config) - CONFIG_KEYS - WEIGHT_KEYS - {"live", "lookahead"}
+    if unknown:
+        raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+    run = {k: v for k, v in config.items() if k in CONFIG_KEYS and v not in (None, "")}
+    if "seed" in run:
+        run["seed"] = int(run["seed"])
+    if run.get("model", "14b") == "tiny":
+        run.setdefault("dtype", "fp32")
+    cfg = RunConfig(**run)
+    weights = Weights(**{k: v for k, v in config.items() if k in WEIGHT_KEYS and v})
+    key = (cfg, weights)
+    with _engines_lock:
+        if key not in _engines:
+            _engines[key] = build_engine(cfg, weights)
+        return _engines[key]
+
+
+class NativeSession:
+    """One session for a C host. Calls are serialized (a lock); the C side holds the GIL only inside them."""
+
+    def __init__(self, config: dict) -> None:
+        self.engine = _engine(config)
+        self.live = bool(int(config.get("live") or 0))
+        lookahead = config.get("lookahead")
+        self._lock = threading.Lock()
+        self._speech: list[np.ndarray] = []
+        self._rate: int | None = None
+        self._speech_done = False
+        self._session = self.engine.session(lookahead=float(lookahead) if lookahead else None) if self.live else None
+        self._out: deque = deque()
+        self._index = 0
+        self._closed = False
+        self._finished = False
+
+    def _take(self, frames) -> None:
+        for frame in frames:
+            self._out.append((self._index, frame))
+            self._index += 1
+
+    def push_speech(self, data: bytes, rate: int) -> None:
+        with self._lock:
+            if self._closed or self._speech_done:
+                raise StateError("the speech is complete (end_speech or close was called)")
+            if rate <= 0:
+                raise ConfigError(f"sample rate must be positive, got {rate}")
+            samples = np.frombuffer(data, np.float32).copy()
+            if self.live:
+                self._take(self._session.push_audio(samples, rate))
+                return
+            if self._rate is not None and rate != self._rate:
+                raise ConfigError(f"the speech's sample rate changed from {self._rate} to {rate} Hz")
+            self._rate = rate
+            self._speech.append(samples)
+
+    def end_speech(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise StateError("the session is closed")
+            self._speech_done = True
+            if self.live:
+                self._take(self._session.end_audio())
+
+    def push_frame(self, data: bytes, width: int, height: int, stride: int) -> None:
+        with self._lock:
+            if self._closed:
+                raise StateError("the session is closed: no more frames")
+            if width <= 0 or height <= 0 or stride < 3 * width:
+                raise ConfigError(f"bad frame geometry: {width}x{height}, stride {stride} (at least {3 * width})")
+            if len(data) < stride * (height - 1) + 3 * width:
+                raise ConfigError(f"frame buffer of {len(data)} bytes is too small for {width}x{height}, stride "
+                                  f"{stride}")
+            if self._session is None:
+                if not self._speech_done:
+                    raise StateError("push the whole speech and call end_speech before the first frame (or create "
+                                     "the session live)")
+                if not self._speech:
+                    raise StateError("no speech was pushed")
+                self._session = self.engine.session(np.concatenate(self._speech), sample_rate=self._rate)
+            rows = np.frombuffer(data, np.uint8, count=stride * (height - 1) + 3 * width)
+            frame = np.lib.stride_tricks.as_strided(rows, (height, width, 3), (stride, 3, 1)).copy()
+            self._take(self._session.push(frame))
+
+    def pop(self, timeout: float):
+        with self._lock:
+            if not self._out and self._session is not None and not self._finished:
+                self._take(self._session.pop(max(0.0, timeout)))
+            if self._out:
+                index, frame = self._out.popleft()
+                frame = np.ascontiguousarray(frame, np.uint8)
+                return index, frame.tobytes(), frame.shape[1], frame.shape[0]
+            return "end" if self._finished else None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._session is not None:
+                self._take(self._session.close())
+            self._finished = True
+
+    def destroy(self) -> None:
+        """Drop the session (closing it first if need be: its slot on the engine is freed)."""
+        with self._lock:
+            session, self._session = self._session, None
+            running = not self._finished
+            self._out.clear()
+            self._closed = self._finished = True
+        if session is not None and running:
+            session.abort()

@@ -1,0 +1,44 @@
+"""The C ABI gives the Python session's frames: lipforcing_host (the C example host, CPython embedded) on raw
+frames and speech against ``LipSync`` on the same input, frame for frame. Needs the native build (``make
+native``; ``make test`` builds it first)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+from .conftest import TINY
+
+HOST = REPO_ROOT / os.environ.get("LIPFORCING_BUILD", "build") / "lipforcing_host"
+
+
+def test_the_c_host_gives_the_python_sessions_frames(shared_dir, tmp_path):
+    if not HOST.is_file():
+        pytest.skip(f"the native build is absent ({HOST}): run `make native`")
+    import cv2
+
+    from lipforcing.engine.app.engine import RunConfig, build_engine
+    from lipforcing.engine.media.io import load_audio, read_frames
+
+    clip = shared_dir / "assets/clips/face3.mp4"
+    frames = np.stack([cv2.resize(f, (320, 320), interpolation=cv2.INTER_AREA) for f in read_frames(clip, 21)])
+    speech = load_audio(clip)[: 21 * 640].astype(np.float32)
+    (tmp_path / "speech.f32").write_bytes(speech.tobytes())
+    done = subprocess.run([str(HOST), "--model", "tiny", "--device", "cpu", "--encoder", "taehv", "--width", "320",
+                           "--height", "320", "--speech", str(tmp_path / "speech.f32")], input=frames.tobytes(),
+                          capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()
+    from_c = np.frombuffer(done.stdout, np.uint8).reshape(-1, 320, 320, 3)
+
+    engine = build_engine(RunConfig(**TINY))
+    with engine.session(speech) as session:
+        from_python = [out for frame in frames for out in session.push(frame)]
+        from_python += session.close()
+    assert len(from_c) == len(from_python) == 21
+    assert np.array_equal(from_c, np.stack(from_python))
+    assert b"21 frames in, 21 frames out" in done.stderr
