@@ -37,6 +37,15 @@ def golden_files(shared_dir: Path) -> list[Path]:
     return files
 
 
+@pytest.fixture(scope="session")
+def train_golden_files(shared_dir: Path) -> list[Path]:
+    """Full-sequence (training) golden files, ``lipforcing-golden-train/1``."""
+    files = sorted((shared_dir / "golden/train").glob("*.safetensors"))
+    if not files:
+        pytest.skip("no training golden files in ../shared/golden/train")
+    return files
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -44,7 +44,8 @@ def command(name: str, help: str):
 
 @command("check-reference", "run the engine on golden files and report relative errors")
 def _check_reference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("files", nargs="+", help="golden .safetensors files (lipforcing-golden/1)")
+    p.add_argument("files", nargs="+", help="golden .safetensors files: streaming (lipforcing-golden/1) or training "
+                                            "(lipforcing-golden-train/1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--backend", default="reference", choices=["reference", "triton"])
     p.set_defaults(run=_check_reference)
@@ -55,14 +56,22 @@ def _check_reference(args: argparse.Namespace) -> int:
 
     worst = 0.0
     header = ("file", "first_call_flow", "x0_step0", "(worst chunk)", "x0", "(worst chunk)")
-    print("{:<28} {:>16} {:>10} {:>13} {:>10} {:>13}".format(*header))
+    streaming_header = "{:<28} {:>16} {:>10} {:>13} {:>10} {:>13}".format(*header)
+    printed = None
     for path in args.files:
         r = check_golden(path, device=args.device, backend=args.backend)
         e = r.errors
-        print(
-            f"{r.path.name:<28} {e['first_call_flow']:>16.2e} {e['x0_step0']:>10.2e} {e['x0_step0/worst_chunk']:>13.2e}"
-            f" {e['x0']:>10.2e} {e['x0/worst_chunk']:>13.2e}  {'ok' if r.ok else 'FAIL'}"
-        )
+        verdict = "ok" if r.ok else "FAIL"
+        if "first_call_flow" in e:  # a streaming file: the sampler's outputs, whole clip and worst chunk
+            if printed != "streaming":
+                print(streaming_header)
+                printed = "streaming"
+            print(f"{r.path.name:<28} {e['first_call_flow']:>16.2e} {e['x0_step0']:>10.2e} "
+                  f"{e['x0_step0/worst_chunk']:>13.2e} {e['x0']:>10.2e} {e['x0/worst_chunk']:>13.2e}  {verdict}")
+        else:  # a training file (full-sequence forwards): every output it records
+            kind = r.config.extra.get("attention", "")
+            print(f"{r.path.name:<28} ({kind}) " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()) + f"  {verdict}")
+            printed = "training"
         worst = max(worst, *e.values())
     verdict = "pass" if worst <= PASS_BOUND else "FAIL"
     where = f"{args.device}, backend {args.backend}"

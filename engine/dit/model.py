@@ -369,6 +369,16 @@ class CausalWanStudent(nn.Module):
         return unpatchify(out, (rows, cols), self.cfg.out_dim, (ph, pw))
 
 
+def input_channels(x: torch.Tensor, ref_latent: torch.Tensor, mask_latent: torch.Tensor, masked: torch.Tensor,
+                   ref_seq: torch.Tensor) -> torch.Tensor:
+    """The 65 input channels [B, 65, F, h, w] (SPEC §3): the noisy latent x [B, 16, F], the reference latent
+    [B, 16, 1] and the mask [B, 1, 1] repeated over the frames, the masked video and the reference sequence
+    [B, 16, F]."""
+    f = x.shape[2]
+    return torch.cat([x.float(), ref_latent.float().expand(-1, -1, f, -1, -1),
+                      mask_latent.float().expand(-1, -1, f, -1, -1), masked.float(), ref_seq.float()], dim=1)
+
+
 def _mlp_fp32(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """Run a small Linear/activation stack in float32 whatever its parameter dtype."""
     for layer in mlp:

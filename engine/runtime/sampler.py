@@ -23,7 +23,7 @@ import torch
 from ..dit.attention import RopeTable, StreamingAttention, resolve_backend
 from ..dit.cache import SinkWindowCache
 from ..dit.config import StreamConfig
-from ..dit.model import CausalWanStudent, ClipConditioning
+from ..dit.model import CausalWanStudent, ClipConditioning, input_channels
 
 log = logging.getLogger("lipforcing")
 
@@ -129,17 +129,7 @@ class StreamingSampler:
 
     def _inputs(self, x: torch.Tensor, masked: torch.Tensor, ref_seq: torch.Tensor) -> torch.Tensor:
         """The 65 input channels [B, 65, C, h, w] (SPEC §3)."""
-        c = x.shape[2]
-        return torch.cat(
-            [
-                x.float(),
-                self.ref_latent.expand(-1, -1, c, -1, -1),
-                self.mask_latent.expand(-1, -1, c, -1, -1),
-                masked.float(),
-                ref_seq.float(),
-            ],
-            dim=1,
-        )
+        return input_channels(x, self.ref_latent, self.mask_latent, masked, ref_seq)
 
     def _call(self, x_in: torch.Tensor, t: float, start: int, plan, write: bool, codes=None) -> torch.Tensor:
         ctx = StreamingAttention(self.cache, plan, self.rope, write=write, backend=self.backend)

@@ -50,6 +50,66 @@ def test_check_reference_fails_on_perturbed_weights(golden_files, tmp_path):
     assert main(["check-reference", str(bad)]) == 1
 
 
+def test_every_training_golden_file_matches(train_golden_files):
+    """The full-sequence forwards training uses: bidirectional (conditional, unconditional, guided) and
+    block-causal with per-frame timesteps, absolute RoPE and the file's (window, sink)."""
+    for path in train_golden_files:
+        report = check_golden(path)
+        kind = report.config.extra["attention"]
+        expected = ({"flow", "x0"} if kind == "block_causal"
+                    else {"flow_cond", "flow_uncond", "x0_cond", "x0_uncond", "x0_guided"})
+        assert set(report.errors) == expected, report.errors
+        for name, err in report.errors.items():
+            assert err < 1e-5, f"{path.name}: {name} relative error {err:.2e}"
+
+
+def test_check_reference_takes_streaming_and_training_files_together(golden_files, train_golden_files, capsys):
+    assert main(["check-reference", *map(str, golden_files + train_golden_files)]) == 0
+    out = capsys.readouterr().out
+    assert "pass" in out and all(p.name in out for p in golden_files + train_golden_files)
+
+
+def test_a_training_file_with_one_timestep_for_every_frame_fails(train_golden_files, tmp_path):
+    """The check can fail on a training file: one t for all frames (a semantic the files pin down) moves the
+    flow far past the bound."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = next((p for p in train_golden_files if "bcausal" in p.name), None)
+    if src is None:
+        pytest.skip("no block-causal training file")
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+    cfg = json.loads(meta["config"])
+    cfg["t_frames"] = [max(cfg["t_frames"])] * len(cfg["t_frames"])
+    meta["config"] = json.dumps(cfg)
+    bad = tmp_path / "one_t.safetensors"
+    save_file(load_file(str(src)), str(bad), metadata=meta)
+    assert not check_golden(bad).ok
+    assert main(["check-reference", str(bad)]) == 1
+
+
+@pytest.mark.parametrize("window, sink", [(7, 1), (10, 1), (13, 1), (9, 3), (12, 3)])
+def test_the_block_causal_mask_is_the_specs(window, sink):
+    """SPEC §9: chunk b sees [max(0, 3b + 3 - (window - sink)), 3b + 3) plus the first ``sink`` frames, and
+    nothing of a later chunk, for every (window, sink) of the training recipe."""
+    import torch
+
+    from lipforcing.engine.dit.config import StreamConfig
+    from lipforcing.engine.dit.full_sequence import block_causal_frame_mask
+
+    frames = 30
+    mask = block_causal_frame_mask(frames, StreamConfig(window_frames=window, sink_frames=sink, latent_h=4,
+                                                        latent_w=4))
+    expected = torch.zeros(frames, frames, dtype=torch.bool)
+    for b in range(frames // 3):
+        keys = set(range(max(0, 3 * b + 3 - (window - sink)), 3 * b + 3)) | set(range(sink))
+        expected[3 * b : 3 * b + 3, sorted(keys)] = True
+    assert torch.equal(mask, expected)
+
+
 def test_check_reference_bad_file_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "junk.safetensors"
     bad.write_bytes(b"not a safetensors file")
