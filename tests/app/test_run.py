@@ -203,23 +203,35 @@ def test_missing_weights_list_every_file(tmp_path, capsys, shared_dir):
 def test_interrupted_run_leaves_a_valid_file_or_none(shared_dir, tmp_path, sig):
     """Ctrl-C and SIGTERM (service managers, docker stop) both leave a valid MP4 of the frames written so far
     and no hidden partial file; the console shows no native log lines."""
-    out = tmp_path / "interrupted.mp4"
-    cmd = [sys.executable, "-m", "lipforcing.cli", "run", str(shared_dir / "assets/clips/face2.mp4"), "-o",
-           str(out), *TINY]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
-    deadline = 120
+    import re
+    import threading
     import time
 
+    out = tmp_path / "interrupted.mp4"
+    cmd = [sys.executable, "-m", "lipforcing.cli", "run", str(shared_dir / "assets/clips/face2.mp4"), "-o",
+           str(out), *[a for a in TINY if a != "--quiet"]]  # the progress bar says when frames are out
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+    chunks: list[bytes] = []
+    written = threading.Event()
+
+    def watch() -> None:  # the progress bar's "done/total" counts finished frames handed to the writer
+        for piece in iter(lambda: proc.stderr.read1(4096), b""):
+            chunks.append(piece)
+            counts = [int(n) for n in re.findall(rb"(\d+)/\d+ \[", b"".join(chunks[-4:]))]
+            if counts and max(counts) >= 9:
+                written.set()
+
+    reader = threading.Thread(target=watch, daemon=True)
+    reader.start()
     start = time.time()
-    while time.time() - start < deadline:  # wait until frames are being written, then interrupt
-        partial = list(tmp_path.glob(".interrupted.*.partial.mp4"))
-        if partial and partial[0].stat().st_size > 2000:
-            break
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
+    while time.time() - start < 180 and not written.is_set() and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    assert written.is_set(), "no frame was finished within 180 s"
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    err = b"".join(chunks)
     assert proc.returncode == (130 if sig == signal.SIGINT else 143), err.decode()
     leftovers = list(tmp_path.glob("*.partial*")) + list(tmp_path.glob(".*"))
     assert not leftovers
