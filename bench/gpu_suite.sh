@@ -2,8 +2,8 @@
 # Everything that needs a GPU, in one call: the GPU tests (Triton kernels in bf16 at real shapes, CUDA graphs,
 # the three-stream pipeline against the sequential path, the fast session against the reference session),
 # golden parity on CUDA (reference and Triton), the memory plan against what the engine allocates, kernel
-# benchmarks, and the session benchmark with its ablation for 1.3B and 14B. Results go under $OUT (default
-# gpu-results/) and, for the session benchmarks, bench/results/<device>-<model>.json.
+# benchmarks, the session benchmark with its ablation for 1.3B and 14B, sessions per GPU and the quality gate.
+# Results go under $OUT (default gpu-results/) and, for the session benchmarks, bench/results/<device>-<model>.json.
 #
 #   LIPFORCING_SHARED=path/to/shared OUT=gpu-results bash bench/gpu_suite.sh
 #
@@ -27,7 +27,7 @@ step() { echo "== $*" | tee -a "$OUT/suite.log"; "$@" 2>&1 | tee -a "$OUT/suite.
 step python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu or graph" tests/kernels tests/runtime tests/tools \
     tests/media/test_face.py
 step python3 -m pytest -q -p no:cacheprovider tests/runtime tests/app/test_session.py tests/tools/test_golden.py
-golden=("${LIPFORCING_SHARED:-../shared}"/golden/*.safetensors)
+golden=("${LIPFORCING_SHARED:-../shared}"/golden/*.safetensors "${LIPFORCING_SHARED:-../shared}"/golden/train/*.safetensors)
 step python3 -m lipforcing.cli check-reference "${golden[@]}" --device cuda --backend reference
 step python3 -m lipforcing.cli check-reference "${golden[@]}" --device cuda --backend triton
 step python3 -m lipforcing.cli info --model 14b --memory --json
@@ -38,3 +38,11 @@ for model in 1.3b 14b; do
         --out "bench/results/$device-$model.json"
     cp "bench/results/$device-$model.json" "$OUT/" 2>/dev/null
 done
+# sessions at once on one GPU (prepared avatars, random weights at 1.3B shapes): FPS per session, for the
+# sessions-per-GPU figure at 25 FPS each
+step python3 -m lipforcing.cli bench --model 1.3b --avatar --sessions 1,2,4,8 --chunks 12 --quiet \
+    --out "$OUT/$device-1.3b-sessions.json"
+# every fast path's frames against the reference path's on the GPU (bf16 kernels, graphs, streams, TensorRT or
+# onnxruntime): the quality gate users run in CI
+step python3 -m lipforcing.cli bench --model 1.3b --chunks 4 --quality --max-quality-drop 1 --quiet \
+    --out "$OUT/$device-1.3b-quality.json"
