@@ -17,6 +17,26 @@ if not torch.cuda.is_available():
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIPFORCING_SHARED", REPO_ROOT.parent / "shared"))
 
+
+def in_threads(work, count: int, timeout: float) -> list[BaseException]:
+    """Run ``work(i)`` for i in 0..count-1, each in its own thread, at once; the exceptions they raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:  # reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return errors
+
 # Relative-error tolerances keyed by dtype. fp32 arithmetic on the tested sizes lands near 1e-6;
 # fp16 keeps 11 mantissa bits (~5e-4 per op); bf16 keeps 8 (~4e-3 per op). Bounds leave ~10x headroom.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}

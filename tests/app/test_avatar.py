@@ -12,6 +12,7 @@ pytest.importorskip("av")
 pytest.importorskip("mediapipe")
 pytest.importorskip("transformers")
 
+from conftest import in_threads  # noqa: E402
 from lipforcing.cli import main  # noqa: E402
 from lipforcing.engine.app.avatar import Avatar, latent_period, prepare_avatar  # noqa: E402
 from lipforcing.engine.app.demo import synth_speech  # noqa: E402
@@ -176,25 +177,16 @@ def test_prepare_and_run_from_the_command_line(short_video, tmp_path, capsys):
 def test_sessions_share_one_engine_and_equal_themselves_alone(networks, avatar):
     """Two sessions on one engine (max_sessions=2), in two threads: their student calls are batched, and each
     gives the frames it gives alone."""
-    import threading
-
     avatar, _ = avatar
     speeches = [synth_speech(1.4, seed=s) for s in (1, 2)]
     alone = [_frames_of(Engine(RunConfig(**TINY), networks).session(s, avatar=avatar)) for s in speeches]
     engine = Engine(RunConfig(**TINY, max_sessions=2, pipeline="streams"), networks)
-    together, errors = [None, None], []
+    together = [None, None]
 
     def run(i):
-        try:
-            together[i] = _frames_of(engine.session(speeches[i], avatar=avatar))
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        together[i] = _frames_of(engine.session(speeches[i], avatar=avatar))
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    errors = in_threads(run, 2, timeout=300)
     assert not errors, errors
     for got, want in zip(together, alone):
         assert len(got) == len(want) == 33

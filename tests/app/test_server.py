@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +28,7 @@ pytest.importorskip("av")
 pytest.importorskip("mediapipe")
 pytest.importorskip("transformers")
 
+from conftest import in_threads  # noqa: E402
 from lipforcing.cli import main  # noqa: E402
 from lipforcing.engine.app.server import protocol  # noqa: E402
 from lipforcing.engine.app.server.client import ClientOptions, run_client  # noqa: E402
@@ -187,19 +187,12 @@ def test_a_video_upload_is_prepared_by_the_server(server, short_video, speech, w
 
 
 def test_four_clients_at_once_all_succeed(server, speech, workdir):
-    results, errors = {}, []
+    results = {}
 
     def one(i: int) -> None:
-        try:
-            results[i] = _client(server, workdir / f"four{i}.mp4", speech[1])
-        except Exception as exc:  # reported below
-            errors.append(exc)
+        results[i] = _client(server, workdir / f"four{i}.mp4", speech[1])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=240)
+    errors = in_threads(one, 4, timeout=240)
     assert not errors and len(results) == 4
     for i, result in results.items():
         assert result.frames == 9 and len(list(VideoReader(workdir / f"four{i}.mp4"))) == 9

@@ -3,11 +3,10 @@ at chunk boundaries, and the batcher serves sessions from several threads."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
+from conftest import in_threads
 from lipforcing.engine.dit.build import random_student
 from lipforcing.engine.dit.config import ModelConfig, StreamConfig
 from lipforcing.engine.errors import ConfigError
@@ -106,23 +105,16 @@ def test_the_batcher_serves_sessions_from_several_threads(model):
     expected = [_alone(model, clip) for clip in clips]
     student = StaticStudent(model, STREAM, slots=3, backend="reference", seed=5, cuda_graphs=False)
     batcher = StudentBatcher(student, gather_s=0.05)
-    results, errors = [None] * 3, []
+    results = [None] * 3
 
     def session(i):
-        try:
-            s = batcher.session()
-            clip = clips[i]
-            s.start_clip(clip["text"], clip["audio"], clip["ref"], clip["mask"])
-            results[i] = torch.cat([s.run_chunk(*_chunk(clip, b)) for b in range(CHUNKS)], 2)
-            s.close()
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        s = batcher.session()
+        clip = clips[i]
+        s.start_clip(clip["text"], clip["audio"], clip["ref"], clip["mask"])
+        results[i] = torch.cat([s.run_chunk(*_chunk(clip, b)) for b in range(CHUNKS)], 2)
+        s.close()
 
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    errors = in_threads(session, 3, timeout=120)
     batcher.shutdown()
     assert not errors
     for got, want in zip(results, expected):
