@@ -49,21 +49,23 @@ def shared_dir() -> Path:
     return SHARED
 
 
+def _safetensors_in(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pytest.skip(f"no golden files in {folder}")
+    return files
+
+
 @pytest.fixture(scope="session")
 def golden_files(shared_dir: Path) -> list[Path]:
-    files = sorted((shared_dir / "golden").glob("*.safetensors"))
-    if not files:
-        pytest.skip("no golden files in ../shared/golden")
-    return files
+    """Streaming golden files, ``lipforcing-golden/1``."""
+    return _safetensors_in(shared_dir / "golden")
 
 
 @pytest.fixture(scope="session")
 def train_golden_files(shared_dir: Path) -> list[Path]:
     """Full-sequence (training) golden files, ``lipforcing-golden-train/1``."""
-    files = sorted((shared_dir / "golden/train").glob("*.safetensors"))
-    if not files:
-        pytest.skip("no training golden files in ../shared/golden/train")
-    return files
+    return _safetensors_in(shared_dir / "golden/train")
 
 
 @pytest.fixture(autouse=True)
