@@ -32,11 +32,11 @@ native: setup
 
 test: setup native
 	$(PY) -m pytest -q -p no:cacheprovider
-	ctest --test-dir $(BUILD) --output-on-failure
+	ctest --test-dir $(BUILD) --output-on-failure -j2
 
 test-all: setup native
 	$(PY) -m pytest -q -p no:cacheprovider -m "slow or not slow"
-	ctest --test-dir $(BUILD) --output-on-failure
+	ctest --test-dir $(BUILD) --output-on-failure -j2
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -79,6 +79,63 @@ def _check_reference(args: argparse.Namespace) -> int:
     return 0 if worst <= PASS_BOUND else 1
 
 
+@command("export-aot", "compile the student's calls with AOTInductor for C++ hosts without Python (lf_student)")
+def _export_aot_args(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="tiny (seeded random weights, as the engine's), 1.3b or 14b (with --ckpt)")
+    source.add_argument("--golden", metavar="FILE", help="a golden file: its configuration and weights")
+    p.add_argument("--ckpt", default=None, help="student weights for --model 1.3b / 14b")
+    p.add_argument("--height", type=int, default=512, help="face crop height for --model (default 512)")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--device", default="cpu", help="where the packages run (default cpu)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_export_aot)
+
+
+def _export_aot(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from ..dit.config import ModelConfig, StreamConfig
+    from ..tools.aot import export_aot
+
+    if args.golden:
+        from ..dit.checkpoint import load_into
+        from ..dit.model import CausalWanStudent
+        from ..tools.golden import load_golden
+
+        cfg, tensors = load_golden(args.golden)
+        if "noise" not in {k.removeprefix("inputs/") for k in tensors}:
+            raise ConfigError(f"{args.golden}: a training file; export-aot takes streaming golden files")
+        with torch.device("meta"):
+            student = CausalWanStudent(cfg.model)
+        weights = {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
+        load_into(student, weights, device=args.device, dtype=torch.float32, source=args.golden)
+        stream = cfg.stream
+    elif args.model == "tiny":
+        from ..dit.build import random_student
+
+        student = random_student(ModelConfig.from_name("tiny"), device=args.device, dtype=torch.float32, seed=0)
+        stream = StreamConfig.for_resolution(args.height, args.width)
+    else:
+        if not args.ckpt:
+            raise ConfigError(f"--model {args.model} needs --ckpt (its student weights)")
+        from ..dit.checkpoint import load_student
+
+        student = load_student(args.ckpt, cfg=ModelConfig.from_name(args.model), device=args.device,
+                               dtype=torch.float32)
+        stream = StreamConfig.for_resolution(args.height, args.width)
+    began = time.monotonic()
+    say = None if args.quiet else (lambda name: print(f"compiling {name} ({time.monotonic() - began:.0f} s)"))
+    description = export_aot(student, stream, args.output, progress=say)
+    print(f"wrote {args.output}: text.pt2 and {len(description['shapes'])} window shapes "
+          f"({', '.join(str(s['cached_frames']) for s in description['shapes'])} cached frames) in "
+          f"{time.monotonic() - began:.0f} s")
+    return 0
+
+
 @command("info", "parameters, FLOPs, compute floors and the memory plan of a model at a resolution")
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="1.3b", help="tiny, 1.3b or 14b")

@@ -110,6 +110,16 @@ def test_the_block_causal_mask_is_the_specs(window, sink):
     assert torch.equal(mask, expected)
 
 
+def test_export_aot_refuses_what_it_cannot_package(train_golden_files, tmp_path, capsys):
+    """``export-aot`` (packages for the C++ student; ctest checks their parity): a real preset without weights
+    and a training file are clear errors, and nothing is written."""
+    out = tmp_path / "aot"
+    assert main(["export-aot", "--model", "14b", "-o", str(out)]) == 2
+    assert "needs --ckpt" in capsys.readouterr().err
+    assert main(["export-aot", "--golden", str(train_golden_files[0]), "-o", str(out)]) == 2
+    assert "training file" in capsys.readouterr().err and not out.exists()
+
+
 def test_check_reference_bad_file_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "junk.safetensors"
     bad.write_bytes(b"not a safetensors file")
