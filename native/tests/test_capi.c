@@ -180,7 +180,11 @@ static int cycles(void) {
     }
     long end = resident_kb();
     printf("resident memory after 5 cycles %ld kB, after 50 %ld kB\n", after_warm, end);
+#ifdef __SANITIZE_ADDRESS__
+    printf("AddressSanitizer holds freed memory in its quarantine: growth not checked\n");
+#else
     CHECK(end - after_warm < 20 * 1024, "resident memory grew by %ld kB over 45 cycles", end - after_warm);
+#endif
     return failures ? 1 : 0;
 }
 
