@@ -1,6 +1,6 @@
-"""Writes a shared clip's first 25 frames at 320x320 (raw RGB24), 1 s of its speech (raw float32, 16 kHz) and meta.txt
-("width height frames expected_output_frames") for the C tests. Exit 77 (ctest: skipped) without the shared
-clips."""
+"""Writes a shared clip's first 9 frames at 320x320 (raw RGB24: one chunk), their speech (raw float32, 16 kHz)
+and meta.txt ("width height frames expected_output_frames") for the C tests. Exit 77 (ctest: skipped) without
+the shared clips."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def main(out: str, source_dir: str) -> int:
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    frames = np.stack([cv2.resize(f, (320, 320), interpolation=cv2.INTER_AREA) for f in read_frames(clip, 25)])
-    speech = load_audio(clip)[:16000].astype(np.float32)
+    frames = np.stack([cv2.resize(f, (320, 320), interpolation=cv2.INTER_AREA) for f in read_frames(clip, 9)])
+    speech = load_audio(clip)[: 9 * 640].astype(np.float32)
     (folder / "frames.rgb").write_bytes(frames.tobytes())
     (folder / "speech.f32").write_bytes(speech.tobytes())
     expected = min(clip_length_from_samples(speech.size).frames, len(frames))

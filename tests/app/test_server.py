@@ -428,7 +428,8 @@ class Browser:
             self.process.kill()
 
 
-@pytest.mark.parametrize("transport", ["ws", "webrtc"])
+# the WebRTC page runs in `make test-all`; WebRTC itself is tested by the aiortc loopback above
+@pytest.mark.parametrize("transport", ["ws", pytest.param("webrtc", marks=pytest.mark.slow)])
 def test_the_web_page_shows_live_frames_in_chromium(server, tmp_path, transport):
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the browser test needs it")

@@ -145,6 +145,7 @@ def test_compile_exports_and_checks_onnx(tmp_path, capsys):
     assert not list(tmp_path.glob("*.partial"))
 
 
+@pytest.mark.slow  # sessions sharing an engine are tested in tests/app/test_avatar.py; this is the benchmark's report
 def test_avatar_bench_reports_each_number_of_sessions(tmp_path):
     out = tmp_path / "avatar.json"
     assert main([*BENCH, "--avatar", "--sessions", "1,2", "--out", str(out)]) == 0
