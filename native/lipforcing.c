@@ -235,16 +235,19 @@ int lf_push_speech(lf_session *session, const float *samples, size_t count, int 
     return status;
 }
 
-int lf_end_speech(lf_session *session) {
+/* A method of the session without arguments, for the entry point `api`. */
+static int call_plain(lf_session *session, const char *api, const char *method) {
     error_message[0] = 0;
-    if (!session) return fail(LF_ERR_ARGUMENT, "lf_end_speech: session is NULL");
+    if (!session) return fail(LF_ERR_ARGUMENT, "%s: session is NULL", api);
     int status = LF_OK;
     PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *result = call(session, "end_speech", &status, "()");
+    PyObject *result = call(session, method, &status, "()");
     Py_XDECREF(result);
     PyGILState_Release(gil);
     return status;
 }
+
+int lf_end_speech(lf_session *session) { return call_plain(session, "lf_end_speech", "end_speech"); }
 
 int lf_push_frame(lf_session *session, const uint8_t *rgb, int width, int height, size_t stride) {
     error_message[0] = 0;
@@ -327,16 +330,7 @@ void lf_frame_release(lf_frame *frame) {
     memset(frame, 0, sizeof *frame);
 }
 
-int lf_close(lf_session *session) {
-    error_message[0] = 0;
-    if (!session) return fail(LF_ERR_ARGUMENT, "lf_close: session is NULL");
-    int status = LF_OK;
-    PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *result = call(session, "close", &status, "()");
-    Py_XDECREF(result);
-    PyGILState_Release(gil);
-    return status;
-}
+int lf_close(lf_session *session) { return call_plain(session, "lf_close", "close"); }
 
 void lf_destroy(lf_session *session) {
     if (!session) return;
