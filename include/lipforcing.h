@@ -88,6 +88,9 @@ typedef struct lf_config {
     int live;                 /* 0: the whole speech before the first frame; 1: speech streamed as it is spoken */
     double lookahead;         /* live: seconds of speech a chunk waits for beyond its frames (0: the default) */
     int seed;                 /* the sampler's noise */
+    int max_sessions;         /* sessions at once on the shared engine of this configuration (0: 1). A live
+                                 session takes its place at lf_create, a whole-speech one at its first frame;
+                                 one more fails there with LF_ERR_CONFIG until a session is destroyed */
 } lf_config;
 
 /* A finished frame: RGB24, rows of `stride` bytes. Owned by the caller until lf_frame_release. */

@@ -167,6 +167,7 @@ int lf_create(const lf_config *config, lf_session **out) {
     if (!config || !out) return fail(LF_ERR_ARGUMENT, "lf_create: config and out must not be NULL");
     *out = NULL;
     if (config->lookahead < 0) return fail(LF_ERR_ARGUMENT, "lf_create: lookahead must not be negative");
+    if (config->max_sessions < 0) return fail(LF_ERR_ARGUMENT, "lf_create: max_sessions must not be negative");
     int status = ready();
     if (status != LF_OK) return status;
     PyGILState_STATE gil = PyGILState_Ensure();
@@ -181,6 +182,7 @@ int lf_create(const lf_config *config, lf_session **out) {
         put_string(dict, "backend", config->backend) == 0 &&
         put_number(dict, "live", PyLong_FromLong(config->live ? 1 : 0)) == 0 &&
         put_number(dict, "seed", PyLong_FromLong(config->seed)) == 0 &&
+        put_number(dict, "max_sessions", PyLong_FromLong(config->max_sessions > 0 ? config->max_sessions : 1)) == 0 &&
         (config->lookahead <= 0 || put_number(dict, "lookahead", PyFloat_FromDouble(config->lookahead)) == 0)) {
         obj = PyObject_CallOneArg(session_class, dict);
     }

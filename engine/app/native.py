@@ -21,7 +21,8 @@ import numpy as np
 from ..errors import ConfigError, LipforcingError
 from .engine import Engine, RunConfig, Weights, build_engine
 
-CONFIG_KEYS = {"model", "device", "dtype", "encoder", "decoder", "backend", "scheduler", "pipeline", "seed"}
+CONFIG_KEYS = {"model", "device", "dtype", "encoder", "decoder", "backend", "scheduler", "pipeline", "seed",
+               "max_sessions"}
 WEIGHT_KEYS = {"ckpt", "vae", "taehv", "wav2vec", "text_embeds"}
 _engines: dict[tuple, Engine] = {}
 _engines_lock = threading.Lock()
@@ -36,8 +37,9 @@ def _engine(config: dict) -> Engine:
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
     run = {k: v for k, v in config.items() if k in CONFIG_KEYS and v not in (None, "")}
-    if "seed" in run:
-        run["seed"] = int(run["seed"])
+    for name in ("seed", "max_sessions"):
+        if name in run:
+            run[name] = int(run[name])
     if run.get("model", "14b") == "tiny":
         run.setdefault("dtype", "fp32")
     cfg = RunConfig(**run)

@@ -3,8 +3,10 @@
  *   test_capi errors          bad input gets an error code and a message, never a crash
  *   test_capi session DIR     a tiny session on a shared clip's frames and speech (DIR from make_clip.py)
  *   test_capi cycles          50 create/destroy cycles do not grow resident memory
+ *   test_capi threads         sessions created, fed and destroyed from four threads at once (the GIL)
  * Exit 0: pass, 1: fail, 77: skipped (no shared clip).
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,6 +79,17 @@ static int errors(void) {
           "push after close");
     CHECK(lf_pop_frame(session, &frame, 100) == LF_END, "end after close");
     lf_destroy(session);
+
+    /* max_sessions (default 1): a second live session at once is refused until the first is destroyed */
+    config.live = 1;
+    lf_session *first = NULL, *second = NULL;
+    CHECK(lf_create(&config, &first) == LF_OK, "first session");
+    status = lf_create(&config, &second);
+    CHECK(status == LF_ERR_CONFIG && !second && strstr(lf_last_error(), "already runs"), "second session: %s",
+          lf_status_name(status));
+    lf_destroy(first);
+    CHECK(lf_create(&config, &second) == LF_OK, "a session after the first was destroyed");
+    lf_destroy(second);
     return failures ? 1 : 0;
 }
 
@@ -188,10 +201,47 @@ static int cycles(void) {
     return failures ? 1 : 0;
 }
 
+static void *thread_work(void *arg) {
+    /* every thread: its own live sessions, speech and frames short of a chunk, an error case, destroy */
+    long *failed = (long *)arg;
+    lf_config config = tiny();
+    config.live = 1;
+    config.max_sessions = 4; /* one engine, four sessions at once */
+    static float speech[8000];
+    static uint8_t pixels[64 * 64 * 3];
+    for (int i = 0; i < 5; i++) {
+        lf_session *session = NULL;
+        if (lf_create(&config, &session) != LF_OK) {
+            fprintf(stderr, "create: %s\n", lf_last_error());
+            (*failed)++;
+            continue;
+        }
+        if (lf_push_speech(session, speech, 8000, 16000) != LF_OK) (*failed)++;
+        if (lf_push_frame(session, pixels, 64, 64, 64 * 3) != LF_OK) (*failed)++;
+        if (lf_push_frame(session, pixels, 64, 64, 10) != LF_ERR_ARGUMENT || !strstr(lf_last_error(), "stride"))
+            (*failed)++; /* the message is this thread's */
+        lf_frame frame;
+        if (lf_pop_frame(session, &frame, 10) != LF_TIMEOUT) (*failed)++;
+        lf_destroy(session);
+    }
+    return NULL;
+}
+
+static int threads(void) {
+    pthread_t ids[4];
+    long failed[4] = {0, 0, 0, 0};
+    for (int i = 0; i < 4; i++) pthread_create(&ids[i], NULL, thread_work, &failed[i]);
+    for (int i = 0; i < 4; i++) pthread_join(ids[i], NULL);
+    for (int i = 0; i < 4; i++) CHECK(failed[i] == 0, "thread %d: %ld failed calls", i, failed[i]);
+    printf("4 threads x 5 sessions: %s\n", failures ? "failures" : "ok");
+    return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "errors")) return errors();
     if (argc >= 3 && !strcmp(argv[1], "session")) return session_test(argv[2]);
     if (argc >= 2 && !strcmp(argv[1], "cycles")) return cycles();
-    fprintf(stderr, "usage: test_capi errors | session DIR | cycles\n");
+    if (argc >= 2 && !strcmp(argv[1], "threads")) return threads();
+    fprintf(stderr, "usage: test_capi errors | session DIR | cycles | threads\n");
     return 2;
 }
