@@ -109,6 +109,16 @@ class ServerProcess:
             return self.process.wait()
 
 
+def _wait_log(server: ServerProcess, text: str, timeout: float = 300.0) -> bool:
+    """Until the server's log says ``text`` (a replica's /healthz can answer before the others are warm)."""
+    deadline = time.monotonic() + timeout
+    while text not in server.log.read_text():
+        if time.monotonic() > deadline or server.process.poll() is not None:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def _write_wav(path: Path, samples: np.ndarray) -> Path:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -587,6 +597,7 @@ def test_ray_serve_replicas_keep_sessions_when_one_dies(workdir, tiny_avatar_fil
     server = ServerProcess(workdir, "--ray", "--replicas", "2", "--avatars", str(avatars), "--token", TOKEN,
                            env={"RAY_TMPDIR": str(ray_tmp)})
     pcm = protocol.to_pcm16(load_audio(speech[0]))
+    assert "2 Ray Serve replica(s) ready" in server.log.read_text() or _wait_log(server, "replica(s) ready")
 
     async def session_on(exclude: set[int]):
         """A started session on a replica not in ``exclude`` (connections are spread by Ray's router)."""
