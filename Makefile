@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,media
 BUILD ?= build
+# Python started here must not put the checkout on sys.path: its kernels/ folder would shadow the PyPI package
+# `kernels` that transformers imports (the engine is installed as lipforcing.kernels).
+export PYTHONSAFEPATH := 1
 
 .PHONY: setup native demo test test-all lint clean
 

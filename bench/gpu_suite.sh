@@ -15,7 +15,9 @@ OUT=${OUT:-gpu-results}
 mkdir -p "$OUT" bench/results
 pkg=$(mktemp -d)
 ln -s "$PWD" "$pkg/lipforcing"
-export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# PYTHONSAFEPATH: the checkout itself stays off sys.path (its kernels/ would shadow the PyPI `kernels` that
+# transformers imports); the package comes from $pkg
+export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 export LIPFORCING_CACHE=${LIPFORCING_CACHE:-$OUT/cache}
 commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 echo "commit $commit" | tee "$OUT/commit.txt"
