@@ -96,24 +96,17 @@ void Student::start_clip(const torch::Tensor &text_context, const torch::Tensor 
     next_frame_ = 0;
 }
 
-std::vector<torch::Tensor> Student::call(const torch::Tensor &x_in, double t, const std::vector<int> &visible) {
+std::vector<torch::Tensor> Student::call(const torch::Tensor &x_in, double t, const std::vector<torch::Tensor> &cache) {
     const int c = cfg_.chunk_frames, s = next_frame_;
     // the chunk's video-frame audio: latent k sees frames 4k-3 .. 4k (frame 0 repeated before the clip)
     torch::Tensor audio = s == 0 ? audio_.narrow(1, 0, 1 + 4 * (c - 1)) : audio_.narrow(1, 4 * s - 3, 4 * c);
     std::vector<torch::Tensor> in{x_in.contiguous(), torch::full({1}, t, torch::dtype(torch::kFloat64).device(device_)),
                                   audio.contiguous(), text_k_, text_v_};
-    if (!visible.empty()) {
-        std::vector<torch::Tensor> ks, vs;
-        for (int f : visible) {
-            ks.push_back(cache_.at(f).first);
-            vs.push_back(cache_.at(f).second);
-        }
-        in.push_back(torch::cat(ks, 2).contiguous());
-        in.push_back(torch::cat(vs, 2).contiguous());
-    }
-    auto found = calls_.find((int)visible.size());
+    in.insert(in.end(), cache.begin(), cache.end());
+    const int cached = cache.empty() ? 0 : (int)(cache[0].size(2) / cfg_.tokens_per_frame);
+    auto found = calls_.find(cached);
     if (found == calls_.end())
-        throw std::runtime_error("no package for a window of " + std::to_string(visible.size()) + " cached frames");
+        throw std::runtime_error("no package for a window of " + std::to_string(cached) + " cached frames");
     return found->second->run(in);
 }
 
@@ -126,15 +119,24 @@ ChunkResult Student::run_chunk(const torch::Tensor &masked, const torch::Tensor 
                            masked.to(device_, torch::kFloat32), ref_sequence.to(device_, torch::kFloat32)},
                           1);
     };
+    std::vector<torch::Tensor> cache;  // the visible frames' K/V, gathered once for the chunk's three calls
     std::vector<int> visible = visible_frames(s);
+    if (!visible.empty()) {
+        std::vector<torch::Tensor> ks, vs;
+        for (int f : visible) {
+            ks.push_back(cache_.at(f).first);
+            vs.push_back(cache_.at(f).second);
+        }
+        cache = {torch::cat(ks, 2).contiguous(), torch::cat(vs, 2).contiguous()};
+    }
     torch::Tensor x = noise.to(device_, torch::kFloat32);
     ChunkResult out;
-    out.first_flow = call(inputs(x), t0, visible).at(0);
+    out.first_flow = call(inputs(x), t0, cache).at(0);
     out.x0_step0 = (x.to(torch::kFloat64) - t0 * out.first_flow.to(torch::kFloat64)).to(torch::kFloat32);
     x = ((1 - t1) * out.x0_step0.to(torch::kFloat64) + t1 * renoise.to(device_, torch::kFloat64)).to(torch::kFloat32);
-    torch::Tensor flow = call(inputs(x), t1, visible).at(0);
+    torch::Tensor flow = call(inputs(x), t1, cache).at(0);
     out.x0 = (x.to(torch::kFloat64) - t1 * flow.to(torch::kFloat64)).to(torch::kFloat32);
-    auto commit = call(inputs(out.x0), cfg_.commit_t, visible);  // the chunk's raw K/V for later chunks
+    auto commit = call(inputs(out.x0), cfg_.commit_t, cache);  // the chunk's raw K/V for later chunks
     std::vector<int> after = visible_frames(s + c);
     std::map<int, std::pair<torch::Tensor, torch::Tensor>> kept;
     for (int f : after) {

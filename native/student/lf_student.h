@@ -55,7 +55,8 @@ class Student {
     std::vector<int> visible_frames(int start) const;
 
   private:
-    std::vector<torch::Tensor> call(const torch::Tensor &x, double t, const std::vector<int> &visible);
+    // one network call of the current chunk; cache: the visible frames' K and V, window order (empty: none)
+    std::vector<torch::Tensor> call(const torch::Tensor &x, double t, const std::vector<torch::Tensor> &cache);
     AotConfig cfg_;
     torch::Device device_;
     std::unique_ptr<torch::inductor::AOTIModelPackageLoader> text_;
