@@ -108,8 +108,7 @@ class _RandomIdentity:
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         small = crops.reshape(len(crops), 28, 4, 28, 4, 3).mean(axis=(2, 4)).reshape(len(crops), -1) / 127.5 - 1
-        e = small @ self.projection
-        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        return features.unit_rows(small @ self.projection)
 
 
 def pair_videos(pred: str | Path, ref: str | Path) -> list[tuple[str, Path, Path]]:

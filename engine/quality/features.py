@@ -114,6 +114,12 @@ def video_features(net: nn.Module, frames: np.ndarray, *, batch: int = 4,
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
+def unit_rows(e: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float64): embeddings whose dot products are cosine similarities."""
+    e = np.asarray(e, np.float64)
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """The Frechet distance of the Gaussians fitted to two feature sets [N, D]: |mu_a - mu_b|^2 +
     tr(S_a + S_b - 2 (S_a S_b)^(1/2)). Needs at least two samples in each."""
@@ -158,5 +164,4 @@ class ArcFace:
         for start in range(0, len(crops), batch):
             x = crops[start : start + batch].astype(np.float32).transpose(0, 3, 1, 2)
             out.append(self.session.run(None, {self.input: (x - 127.5) / 127.5})[0].reshape(len(x), -1))
-        e = np.concatenate(out).astype(np.float64)
-        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        return unit_rows(np.concatenate(out))

@@ -124,7 +124,7 @@ def test_a_blurred_mouth_shows_in_the_mouth_region(clip, mouth_boxes, tmp_path):
     assert code == 0
     m = report["videos"][0]
     assert m["ssim_mouth"] < m["ssim"] - 0.05, m  # the mouth region shows the damage; the whole frame hides it
-    assert m["lmd"] >= 0
+    assert m["lmd_frames"] == FRAMES and m["lmd"] >= 0  # a face in every frame of both: LMD over all of them
     _write(pred / "face1.mp4", whole, speech)
     code, report = _eval(tmp_path, pred, folder / "ref")
     w = report["videos"][0]
