@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -43,11 +42,6 @@ class LiveSession:
         self._closing = threading.Event()
         self._outputs: asyncio.Queue = asyncio.Queue()
         self._sent = 0  # frames handed to the loop
-        self.started = time.monotonic()
-        self.chunk_latency_s: list[float] = []  # per chunk: push of its audio -> its frames encoded
-        self._pushed_at: list[tuple[int, float]] = []  # (speech samples pushed so far, when)
-        self._samples_in = 0
-        self._lookahead_samples = int(lookahead * 16000)
         self._thread = threading.Thread(target=self._work, name="lipforcing-live", daemon=True)
         self._thread.start()
 
@@ -110,8 +104,6 @@ class LiveSession:
                     self._emit(("closed", self._sent))
                     return
                 if kind == "audio" and not ended:
-                    self._samples_in += value.size * 16000 // self.sample_rate
-                    self._pushed_at.append((self._samples_in, time.monotonic()))
                     self._send(session.push_audio(value.astype(np.float32) / 32768.0, self.sample_rate))
                 elif kind == "end" and not ended:
                     ended = True
@@ -146,13 +138,4 @@ class LiveSession:
             encoded.append((first + i, jpeg.tobytes()))
         speech = to_pcm16(self.session.speech_for_frames(first, len(frames)))
         self._sent += len(frames)
-        self._record_latency(first + len(frames))
         self._emit(("frames", encoded, (first, speech)))
-
-    def _record_latency(self, frames_out: int) -> None:
-        """Time from the arrival of the speech a chunk needed to its frames being ready."""
-        needed = frames_out * 640 + self._lookahead_samples
-        while self._pushed_at and self._pushed_at[0][0] < needed:
-            self._pushed_at.pop(0)
-        if self._pushed_at:
-            self.chunk_latency_s.append(time.monotonic() - self._pushed_at[0][1])
