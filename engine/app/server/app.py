@@ -240,13 +240,11 @@ class Connection:
 
     async def _start(self, message: dict) -> bool:
         opts, state = self.state.options, self.state
-        lookahead = message.get("lookahead", opts.lookahead)
+        lookahead = protocol.lookahead_of(message, opts.lookahead)
         rate = message.get("sample_rate", 16000)
-        if not isinstance(lookahead, int | float) or not 0 <= lookahead <= 5:
-            raise protocol.ProtocolError("lookahead must be a number of seconds between 0 and 5")
         if not isinstance(rate, int) or not 8000 <= rate <= 192000:
             raise protocol.ProtocolError("sample_rate must be an integer number of Hz")
-        self.params = dict(lookahead=float(lookahead), sample_rate=rate)
+        self.params = dict(lookahead=lookahead, sample_rate=rate)
         if "upload" in message:
             kind, size = message.get("upload"), message.get("bytes")
             if kind not in ("avatar", "video") or not isinstance(size, int) or size <= 0:

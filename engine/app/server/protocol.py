@@ -56,6 +56,17 @@ class ProtocolError(ValueError):
     """A malformed message (the server answers with an error and carries on)."""
 
 
+MAX_LOOKAHEAD_S = 5.0
+
+
+def lookahead_of(message: dict, default: float) -> float:
+    """The session's look-ahead from a start message or a WebRTC offer (seconds, 0..5)."""
+    value = message.get("lookahead", default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_LOOKAHEAD_S:
+        raise ProtocolError(f"lookahead must be a number of seconds between 0 and {MAX_LOOKAHEAD_S:g}")
+    return float(value)
+
+
 def encode_frame(index: int, jpeg: bytes) -> bytes:
     return _FRAME_HEADER.pack(FRAME, index, index * 40) + jpeg
 

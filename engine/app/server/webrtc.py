@@ -72,13 +72,14 @@ async def answer_offer(state, body: dict):
     if avatar is None or not isinstance(body.get("sdp"), str) or body.get("type") != "offer":
         return JSONResponse({"error": f"an offer needs sdp, type 'offer' and avatar, one of {sorted(state.avatars)}"},
                             status_code=400)
-    lookahead = body.get("lookahead", state.options.lookahead)
-    if not isinstance(lookahead, int | float) or not 0 <= lookahead <= 5:
-        return JSONResponse({"error": "lookahead must be a number of seconds between 0 and 5"}, status_code=400)
+    try:
+        lookahead = protocol.lookahead_of(body, state.options.lookahead)
+    except protocol.ProtocolError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
     loop = asyncio.get_running_loop()
     try:
         live = await asyncio.to_thread(LiveSession, state.engine, avatar, loop=loop, sample_rate=WEBRTC_RATE,
-                                       lookahead=float(lookahead), jpeg_quality=None)
+                                       lookahead=lookahead, jpeg_quality=None)
     except LipforcingError as exc:
         return JSONResponse({"error": str(exc)}, status_code=503)
     pc = RTCPeerConnection()
