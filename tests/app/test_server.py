@@ -54,7 +54,11 @@ def _get(url: str, token: str | None = None) -> tuple[int, dict]:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body or b"{}")
+        except ValueError:  # Ray's proxy answers in plain text while its replicas start
+            return exc.code, {"text": body.decode(errors="replace")}
 
 
 class ServerProcess:
@@ -371,7 +375,11 @@ def _post(url: str, body: dict, token: str = TOKEN) -> tuple[int, dict]:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body or b"{}")
+        except ValueError:  # Ray's proxy answers in plain text while its replicas start
+            return exc.code, {"text": body.decode(errors="replace")}
 
 
 # --- the web page in Chromium --------------------------------------------------------------------------------
