@@ -46,12 +46,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, token: str | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(url)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
+def _request(request: urllib.request.Request, timeout: float) -> tuple[int, dict]:
+    """(HTTP status, JSON body) of a request; error statuses included."""
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as exc:
         body = exc.read()
@@ -59,6 +57,13 @@ def _get(url: str, token: str | None = None) -> tuple[int, dict]:
             return exc.code, json.loads(body or b"{}")
         except ValueError:  # Ray's proxy answers in plain text while its replicas start
             return exc.code, {"text": body.decode(errors="replace")}
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    return _request(request, timeout=10)
 
 
 class ServerProcess:
@@ -371,15 +376,7 @@ def test_a_bad_webrtc_offer_gets_a_clear_error(server):
 def _post(url: str, body: dict, token: str = TOKEN) -> tuple[int, dict]:
     request = urllib.request.Request(url, json.dumps(body).encode(),
                                      {"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-        try:
-            return exc.code, json.loads(body or b"{}")
-        except ValueError:  # Ray's proxy answers in plain text while its replicas start
-            return exc.code, {"text": body.decode(errors="replace")}
+    return _request(request, timeout=30)
 
 
 # --- the web page in Chromium --------------------------------------------------------------------------------
