@@ -5,7 +5,6 @@
     avatar.py   prepared avatars (``.lfa``): prepare, save, load (``lipforcing prepare-avatar``)
     run.py      run_video: a file (or an avatar) in, an MP4 out (``lipforcing run``)
     demo.py     the demo input built locally (``lipforcing demo``)
-    tiny.py     random-weight networks of the ``tiny`` model
     cli.py      the command registry and the engine's commands
     server/     ``lipforcing serve`` and ``lipforcing client``: WebSocket, WebRTC, a web page, Ray Serve
 

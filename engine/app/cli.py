@@ -195,8 +195,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 def add_engine_options(p: argparse.ArgumentParser, *, model_default: str = "14b") -> None:
     """The options of an engine (``RunConfig`` and ``Weights``), shared by run and bench."""
-    w = p.add_argument_group("weights (not needed for --model tiny)")
-    w.add_argument("--ckpt", help="student checkpoint (.pth / .safetensors / sharded)")
+    w = p.add_argument_group("weights (not needed for --model tiny; --ckpt there loads a trained tiny student)")
+    w.add_argument("--ckpt", help="student checkpoint (.pth / .safetensors / sharded; lipforcing train export)")
     w.add_argument("--vae", help="Wan 2.1 VAE (Wan2.1_VAE.pth)")
     w.add_argument("--taehv", help="TAEHV for Wan 2.1 (taew2_1.pth)")
     w.add_argument("--wav2vec", help="directory with wav2vec2-base-960h (config.json + weights)")

@@ -179,6 +179,8 @@ class Networks:
 def missing_weights(cfg: RunConfig, w: Weights) -> list[str]:
     """Which weight files a real model still needs, as lines naming the flag and where to get the file."""
     if cfg.model == "tiny":
+        if w.ckpt is not None and not Path(w.ckpt).exists():
+            return [f"--ckpt ({w.ckpt} does not exist): a tiny student exported by lipforcing train export"]
         return []
     needed = {"ckpt", "wav2vec", "text_embeds"}
     needed |= {"vae"} if "wan" in (cfg.encoder, cfg.decoder) else set()
@@ -203,9 +205,12 @@ def load_networks(cfg: RunConfig, weights: Weights = Weights()) -> Networks:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
     if cfg.model == "tiny":
-        from .tiny import tiny_networks, tiny_wav2vec2
+        from ..dit.checkpoint import load_student
+        from ..tools.tiny import tiny_networks, tiny_wav2vec2
 
         student, vae, taehv, text = tiny_networks(device, seed=cfg.seed)
+        if weights.ckpt is not None:  # a tiny student trained by lipforcing train (the other networks stay random)
+            student = load_student(weights.ckpt, cfg=student.cfg, device=device, dtype=torch.float32)
         return Networks(student, vae, taehv, AudioEncoder(lambda: tiny_wav2vec2(cfg.seed), device), text)
     from ..codecs.taehv import load_taehv
     from ..codecs.wan_vae import load_wan_vae

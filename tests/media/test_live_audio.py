@@ -15,7 +15,7 @@ pytest.importorskip("av")
 
 @pytest.fixture(scope="module")
 def extractor():
-    from lipforcing.engine.app.tiny import tiny_wav2vec2
+    from lipforcing.engine.tools.tiny import tiny_wav2vec2
 
     return tiny_wav2vec2(seed=0)
 
