@@ -8,6 +8,7 @@ One set of blocks, two ways of calling it:
     clip = model.prepare_clip(text_context, audio_emb)        # text K/V and audio codes, once per clip
     flow = model(x_in, t, clip, StreamingAttention(...))      # one chunk against the sink+window cache
     flow = model(x_in, t, clip, FullSequenceAttention(...))   # whole clip, bidirectional or block-causal
+    flow = model(x_in, t, ClipInputs(text, audio), ctx)       # training: the conditioning computed inside forward
 
 ``x_in`` is the 65-channel conditioning [B, 65, F, h, w]; the output is the flow [B, 16, F, h, w].
 Norms, modulation and the residual stream are float32 whatever the weight dtype (as released); linear
@@ -22,6 +23,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...kernels.patches import unpatchify
 from .config import ModelConfig
@@ -145,9 +147,11 @@ class Block(nn.Module):
         x: torch.Tensor,  # [B, F, T, dim] float32 residual stream
         e: torch.Tensor,  # [B, F or 1, 6, dim] float32 time modulation
         layer: int,
-        text_kv: tuple[torch.Tensor, torch.Tensor],
+        text_kv: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,  # K, V; or the text context [B, text_len, dim]
         ctx: AttentionContext,
     ) -> torch.Tensor:
+        if isinstance(text_kv, torch.Tensor):  # the embedded text context: this block computes its own K/V
+            text_kv = self.cross_attn.context_kv(text_kv)
         b, f, t, d = x.shape
         mod = (self.modulation.float()[:, None] + e).unsqueeze(3)  # [B, F|1, 6, 1, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)  # each [B, F|1, 1, dim]
@@ -227,11 +231,24 @@ class AudioPack(nn.Module):
 
 
 @dataclass
+class ClipInputs:
+    """The raw per-clip inputs, conditioned inside ``forward`` (training): every weight is then used inside the
+    forward of the module that owns it, as FSDP2 needs (it gathers a block's weights only for that block's
+    forward), and autograd sees the whole path."""
+
+    text_context: torch.Tensor
+    """[B, text_len, text_dim]"""
+    audio_emb: torch.Tensor
+    """[B, V, audio_dim], V = 1 + 4(L-1)"""
+
+
+@dataclass
 class ClipConditioning:
     """What depends only on the clip: per-layer text K/V and the packed audio codes."""
 
-    text_kv: list[tuple[torch.Tensor, torch.Tensor]]
-    """Per layer: K, V each [B, text_len, H, D]."""
+    text_kv: list[tuple[torch.Tensor, torch.Tensor]] | list[torch.Tensor]
+    """Per layer: K, V each [B, text_len, H, D]; or (``ClipInputs``) the embedded text context [B, text_len, dim],
+    from which each block computes its K/V."""
     audio_codes: torch.Tensor | None
     """[B, L, audio_hidden] float32, one code per latent frame (None: given per call, live audio)."""
 
@@ -252,6 +269,8 @@ class CausalWanStudent(nn.Module):
         self.audio_proj = AudioPack(cfg)
         self.audio_cond_projs = nn.ModuleList(nn.Linear(cfg.audio_hidden, d) for _ in range(cfg.num_audio_projections))
         self._audio_slot = {blk: j for j, blk in enumerate(cfg.audio_blocks)}
+        self.activation_checkpointing = False
+        """Training: recompute each block in the backward pass instead of keeping its activations."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -279,13 +298,17 @@ class CausalWanStudent(nn.Module):
             for m in modules:
                 m.to(device)
         try:
-            t = self.text_embedding
-            context = linear(t[2], t[1](linear(t[0], text_context.to(device))))
+            context = self.embed_text(text_context.to(device))
             return [blk.cross_attn.context_kv(context) for blk in self.blocks]
         finally:
             if offloaded:
                 for m in modules:
                     _to_host(m)
+
+    def embed_text(self, text_context: torch.Tensor) -> torch.Tensor:
+        """[B, text_len, text_dim] -> the text context every cross-attention reads, [B, text_len, dim]."""
+        t = self.text_embedding
+        return linear(t[2], t[1](linear(t[0], text_context)))
 
     def text_modules(self) -> list[nn.Module]:
         """The modules used only to compute the text K/V: the text embedding and every cross-attention's k, v
@@ -323,7 +346,7 @@ class CausalWanStudent(nn.Module):
         self,
         x_in: torch.Tensor,  # [B, in_dim, F, h, w]
         t: torch.Tensor | float,  # scalar, [B] or [B, F]
-        clip: ClipConditioning,
+        clip: ClipConditioning | ClipInputs,
         ctx: AttentionContext,
         start_frame: int = 0,
         codes: torch.Tensor | None = None,  # [B, F, audio_hidden]: this call's audio codes (live audio)
@@ -331,6 +354,9 @@ class CausalWanStudent(nn.Module):
         """One network call on frames start_frame .. start_frame + F - 1; returns the flow [B, out_dim, F, h, w].
         The audio codes are the clip's (sliced at start_frame) unless given."""
         f = x_in.shape[2]
+        if isinstance(clip, ClipInputs):
+            context = self.embed_text(clip.text_context)
+            clip = ClipConditioning(text_kv=[context] * len(self.blocks), audio_codes=self.audio_proj(clip.audio_emb))
         e, e0 = self.time_modulation(t, x_in.shape[0])
         if codes is None:
             codes = clip.audio_codes[:, start_frame : start_frame + f]  # [B, F, audio_hidden]
@@ -362,7 +388,10 @@ class CausalWanStudent(nn.Module):
             j = self._audio_slot.get(i)
             if j is not None:
                 x = x + linear(self.audio_cond_projs[j], codes).float()[:, :, None, :]
-            x = block(x, e0, i, text_kv[i], ctx)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0, i, text_kv[i], ctx, use_reentrant=False)
+            else:
+                x = block(x, e0, i, text_kv[i], ctx)
         out = self.head(x, e)  # [B, F, T, patch_dim]
         if tokens:
             return out.flatten(1, 2)
