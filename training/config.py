@@ -1,0 +1,176 @@
+"""What a training run does: the recipe of SPEC §9 as frozen dataclasses with named presets.
+
+    cfg = train_config("stage1", "1.3b")                  # the recipe's values for that model
+    cfg = train_config("stage2", "tiny", overrides={"steps": 20})
+    cfg = load_config_file("my.json", base=cfg)           # --config FILE: any field, by name
+
+Stages:
+    teacher   plain flow matching of the bidirectional network (the teacher of the mini-distillation; the released
+              teacher is the 14B Lip Forcing teacher, trained outside this recipe)
+    stage1    diffusion forcing of the block-causal student (SPEC §9 stage 1)
+    stage2    Self-Forcing DMD with the sync-window CFG and the SyncNet reward (SPEC §9 stage 2)
+
+The 1.3b and 14b presets use the recipe's numbers. The tiny preset (random-weight networks, CPU tests) keeps
+every rule and only changes sizes that make a CPU run of a few dozen steps meaningful: a larger learning rate,
+LoRA rank 16, batch 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine.errors import ConfigError
+
+STAGES = ("teacher", "stage1", "stage2")
+PRESETS = ("tiny", "1.3b", "14b")
+WINDOW_SINK_PAIRS = ((7, 1), (10, 1), (13, 1), (9, 3), (12, 3))
+"""The (window, sink) pairs stage 1 draws from (SPEC §9)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """LoRA of the trained networks (peft), and what is trained in full beside it."""
+
+    enabled: bool = True
+    """False: every parameter is trained (the teacher, or a small model)."""
+    rank: int = 128
+    alpha: float = 64.0
+    target_modules: tuple[str, ...] = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                                       "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+                                       "ffn.0", "ffn.2")
+    """Linear layers of every block that get LoRA adapters (names inside a block)."""
+    fully_trained: tuple[str, ...] = ("patch_embedding", "audio_proj", "audio_cond_projs")
+    """Top-level modules trained in full (SPEC §9: the audio modules and the patch embedding)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run. Every field maps to a key of ``--config FILE``."""
+
+    stage: str
+    preset: str
+    steps: int
+    """Optimiser iterations (SPEC: 5000 for stage 1, 600 for stage 2)."""
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    batch: int = 16
+    """Effective (global) batch: samples per iteration over all processes and accumulation steps."""
+    micro_batch: int = 1
+    """Samples per forward/backward on one process; batch / (micro_batch x processes) accumulation steps."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    compute_dtype: str = "bf16"
+    """bf16 (weights kept in fp32 as master copies, FSDP2 casts for compute) or fp32."""
+    activation_checkpointing: bool = True
+    seed: int = 0
+    save_every: int = 100
+    """Write a resumable checkpoint every this many steps (and always at the end)."""
+    # stage 1 (diffusion forcing)
+    chunk_t: tuple[float, ...] = (0.999, 0.769, 0.0)
+    """Per-chunk time drawn uniformly from these (SPEC §9)."""
+    window_sink_pairs: tuple[tuple[int, int], ...] = WINDOW_SINK_PAIRS
+    # stage 2 (Self-Forcing DMD)
+    rollout_chunks: int = 7
+    guidance_scale: float = 4.5
+    guidance_band: tuple[float, float] = (0.556, 0.882)
+    """DMD times t in this band get the teacher's guidance; outside it the scale is 1.0."""
+    dmd_u_range: tuple[float, float] = (0.001, 0.999)
+    """u ~ U(range), t = shift u / (1 + (shift - 1) u)."""
+    shift: float = 5.0
+    critic_ratio: int = 5
+    """The critic updates every iteration, the student every ``critic_ratio``-th."""
+    reward_scale: float = 2.0
+    """The generator loss is weighted by exp(reward_scale x r), r the SyncNet confidence of the rollout."""
+    reward: bool = True
+    """False: no SyncNet reward (weight 1)."""
+    # teacher (flow matching)
+    teacher_t_shift: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"unknown stage {self.stage!r}; choose one of {STAGES}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {PRESETS}")
+        if self.steps < 1 or self.batch < 1 or self.micro_batch < 1:
+            raise ConfigError(f"steps, batch and micro_batch must be positive (got {self.steps}, {self.batch}, "
+                              f"{self.micro_batch})")
+        if self.batch % self.micro_batch:
+            raise ConfigError(f"batch {self.batch} is not a multiple of micro_batch {self.micro_batch}")
+        if self.compute_dtype not in ("bf16", "fp32"):
+            raise ConfigError(f"compute_dtype must be bf16 or fp32, got {self.compute_dtype!r}")
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_RECIPE = {
+    "teacher": dict(steps=2000, lr=1e-4, betas=(0.9, 0.999), lora=LoraConfig(enabled=False)),
+    "stage1": dict(steps=5000, lr=1e-5, betas=(0.9, 0.999)),
+    "stage2": dict(steps=600, lr=2e-6, betas=(0.0, 0.999)),
+}
+_TINY = {
+    "teacher": dict(steps=200, lr=2e-3, batch=2),
+    "stage1": dict(steps=40, lr=1e-3, batch=2, lora=LoraConfig(rank=16, alpha=16.0)),
+    "stage2": dict(steps=10, lr=2e-4, batch=1, lora=LoraConfig(rank=16, alpha=16.0)),
+}
+
+
+def train_config(stage: str, preset: str, overrides: dict | None = None) -> TrainConfig:
+    """The recipe's config for ``stage`` and ``preset``, with ``overrides`` (field -> value) applied."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    values = dict(_RECIPE[stage])
+    if preset == "tiny":
+        values.update(_TINY[stage], compute_dtype="fp32", activation_checkpointing=False, save_every=20)
+    values.update(overrides or {})
+    return TrainConfig(stage=stage, preset=preset, **values)
+
+
+def from_json(data: dict) -> TrainConfig:
+    """A config from its ``to_json`` form (lists become tuples, the LoRA block a LoraConfig)."""
+    data = dict(data)
+    lora = data.pop("lora", None)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+    values = {k: _tuples(v) for k, v in data.items()}
+    if lora is not None:
+        lora_known = {f.name for f in dataclasses.fields(LoraConfig)}
+        bad = sorted(set(lora) - lora_known)
+        if bad:
+            raise ConfigError(f"unknown lora keys {bad}; known: {sorted(lora_known)}")
+        values["lora"] = LoraConfig(**{k: _tuples(v) for k, v in lora.items()})
+    return TrainConfig(**values)
+
+
+def load_config_file(path: str | Path, base: TrainConfig) -> TrainConfig:
+    """``--config FILE``: a JSON object of fields (``lora`` as an object) laid over ``base``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a training config is a JSON object of fields")
+    merged = base.to_json()
+    lora = merged.pop("lora")
+    lora.update(data.pop("lora", {}) or {})
+    merged.update(data)
+    merged["lora"] = lora
+    return from_json(merged)
+
+
+def _tuples(value):
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value

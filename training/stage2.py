@@ -1,0 +1,189 @@
+"""Stage 2: Self-Forcing DMD with the sync-window CFG and the SyncNet reward (SPEC §9).
+
+    objective = SelfForcingDMD(cfg, student, teacher, critic, stream, reward)
+    objective.begin_step(step)                             # draws this iteration's exit step
+    for phase in objective.phases_at(step):                # ("student", "critic") every critic_ratio-th step
+        loss, info = objective.loss(phase, batch, rng)     # per-sample loss [B]
+
+Rollout: the student generates ``rollout_chunks`` chunks autoregressively with the streaming semantics of
+inference (sink 1 + window 7 KV cache, dynamic RoPE, ``engine.dit`` streaming attention), each chunk with the
+2-step schedule. One exit step e in {0, 1} per iteration, shared by every chunk: the chunk's output is the x0 of
+its e-th call, the only call run with gradients; earlier calls and the commit calls (t = 0, which write the
+cache) run without.
+
+Generator (student phase): DMD time t = shift u / (1 + (shift - 1) u), u ~ U(0.001, 0.999); x_t from the detached
+rollout and fresh noise; the frozen bidirectional teacher's x0 with guidance s = 4.5 inside the sync window
+0.556 <= t <= 0.882 and 1.0 outside (unconditional branch: audio and text zeroed); the critic's x0;
+w = 1 / (mean|gen - teacher| + 1e-6), g = (critic - teacher) w, loss = mean(0.5 (gen - stopgrad(gen - g))^2)
+weighted by exp(2 r), r the SyncNet confidence of the decoded rollout (no gradient through r).
+Critic phase: a rollout without gradients; the bidirectional critic predicts x0 from its noised copy (MSE).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..engine.dit.attention import RopeTable, StreamingAttention
+from ..engine.dit.cache import SinkWindowCache
+from ..engine.dit.config import StreamConfig
+from ..engine.dit.full_sequence import FullSequenceAttention
+from ..engine.errors import ConfigError
+from .batch import SampleRandom, TrainBatch, step_random
+from .config import TrainConfig
+from .stage1 import shifted
+
+
+class CacheSnapshot:
+    """The cached K/V one chunk reads, copied out of the cache before its gradient call. Activation checkpointing
+    recomputes that call in the backward pass, after later commits have rewritten the cache in place: the
+    recompute must read what the chunk saw, not what the cache holds by then."""
+
+    def __init__(self, cache: SinkWindowCache, plan, num_layers: int) -> None:
+        self.kv = [tuple(t.clone() for t in cache.cached(layer, plan)) for layer in range(num_layers)]
+
+    def cached(self, layer: int, plan) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[layer]
+
+
+def guidance_scale(t: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Per-sample teacher guidance: ``guidance_scale`` inside the sync window (band inclusive), 1.0 outside."""
+    lo, hi = cfg.guidance_band
+    inside = (t >= lo) & (t <= hi)
+    return torch.where(inside, torch.full_like(t, cfg.guidance_scale), torch.ones_like(t))
+
+
+def dmd_generator_loss(gen: torch.Tensor, teacher_x0: torch.Tensor, critic_x0: torch.Tensor,
+                       reward: torch.Tensor | None, reward_scale: float) -> torch.Tensor:
+    """Per-sample DMD loss [B]: gen [B, ...] (with grad), teacher / critic x0 [B, ...] (no grad), reward [B] or None.
+
+    w = 1 / (mean|gen - teacher| + 1e-6); g = (critic - teacher) w; L = mean(0.5 (gen - stopgrad(gen - g))^2),
+    times exp(reward_scale r)."""
+    dims = tuple(range(1, gen.ndim))
+    with torch.no_grad():
+        w = 1.0 / ((gen - teacher_x0).abs().mean(dim=dims, keepdim=True) + 1e-6)
+        g = (critic_x0 - teacher_x0) * w
+        target = gen - g
+    loss = 0.5 * (gen - target).pow(2).mean(dim=dims)
+    if reward is not None:
+        loss = loss * torch.exp(reward_scale * reward.to(loss.device, loss.dtype))
+    return loss
+
+
+class SelfForcingDMD:
+    """Stage 2 with a trained student and critic and a frozen teacher (all ``CausalWanStudent``)."""
+
+    phases = ("student", "critic")
+
+    def __init__(self, cfg: TrainConfig, student: nn.Module, teacher: nn.Module, critic: nn.Module,
+                 stream: StreamConfig, reward=None) -> None:
+        self.cfg, self.student, self.teacher, self.critic = cfg, student, teacher, critic
+        self.stream = stream.replace(sink_frames=1, window_frames=7)  # the streaming semantics of inference
+        self.reward = reward
+        self.trained = {"student": student, "critic": critic}
+        self.frozen = {"teacher": teacher}
+        self.exit_step = 0
+        self._attention: dict[tuple, FullSequenceAttention] = {}
+
+    def phases_at(self, step: int) -> tuple[str, ...]:
+        return ("student", "critic") if step % self.cfg.critic_ratio == 0 else ("critic",)
+
+    def begin_step(self, step: int) -> dict:
+        g = step_random(self.cfg.seed, step)
+        self.exit_step = int(torch.randint(len(self.stream.t_list), (), generator=g))
+        return {"exit_step": self.exit_step}
+
+    def frames(self, batch: TrainBatch) -> int:
+        frames = self.cfg.rollout_chunks * self.stream.chunk_frames
+        if batch.latents.shape[2] < frames:
+            raise ConfigError(f"stage 2 rolls out {self.cfg.rollout_chunks} chunks = {frames} latent frames; the data "
+                              f"has clips of {batch.latents.shape[2]} (prepare 81-frame clips)")
+        return frames
+
+    def bidirectional(self, frames: int, device) -> FullSequenceAttention:
+        key = (frames, str(device))
+        if key not in self._attention:
+            self._attention[key] = FullSequenceAttention(self.teacher.cfg, self.stream, frames, block_causal=False,
+                                                         device=device)
+        return self._attention[key]
+
+    def rollout(self, batch: TrainBatch, rng: SampleRandom, *, grad: bool) -> torch.Tensor:
+        """The student's clip [B, 16, F, h, w], chunk by chunk against its cache; with ``grad`` the exit call of
+        every chunk records gradients."""
+        frames, c = self.frames(batch), self.stream.chunk_frames
+        device = batch.latents.device
+        model = self.student
+        cache = SinkWindowCache(model.cfg, self.stream, batch=batch.size, device=device, dtype=torch.float32)
+        rope = RopeTable(model.cfg, self.stream, device)
+        clip = batch.clip()
+        t_list = self.stream.t_list
+        chunks = []
+        for start in range(0, frames, c):
+            plan = cache.begin_chunk(start)
+            x = rng.randn((model.cfg.out_dim, c, *batch.latents.shape[-2:]))
+            for i in range(self.exit_step + 1):
+                last = i == self.exit_step
+                t = t_list[i]
+                source = CacheSnapshot(cache, plan, model.cfg.num_layers) if grad and last else cache
+                ctx = StreamingAttention(source, plan, rope, write=False, backend="reference")
+                with torch.set_grad_enabled(grad and last):
+                    flow = model(batch.inputs(x, start), torch.tensor(t, dtype=torch.float64), clip, ctx,
+                                 start_frame=start)
+                    x0 = x - t * flow
+                if not last:
+                    eps = rng.randn(x.shape[1:])
+                    x = ((1 - t_list[i + 1]) * x0.double() + t_list[i + 1] * eps.double()).float()
+            with torch.no_grad():
+                ctx = StreamingAttention(cache, plan, rope, write=True, backend="reference")
+                model(batch.inputs(x0.detach(), start), torch.tensor(self.stream.commit_t, dtype=torch.float64),
+                      clip, ctx, start_frame=start)
+            cache.commit()
+            chunks.append(x0)
+        return torch.cat(chunks, dim=2)
+
+    def _noised(self, clean: torch.Tensor, rng: SampleRandom) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t [B] float64, x_t) with t = shift(u), u ~ U(dmd_u_range), fresh noise."""
+        lo, hi = self.cfg.dmd_u_range
+        t = shifted(lo + (hi - lo) * rng.rand(), self.cfg.shift).to(clean.device)
+        eps = rng.randn(clean.shape[1:])
+        tb = t[:, None, None, None, None]
+        return t, ((1 - tb) * clean.double() + tb * eps.double()).float()
+
+    def _x0(self, net: nn.Module, batch: TrainBatch, x_t: torch.Tensor, t: torch.Tensor, conditional: bool = True):
+        frames = x_t.shape[2]
+        flow = net(batch.inputs(x_t), t, batch.clip(conditional), self.bidirectional(frames, x_t.device))
+        return x_t - t[:, None, None, None, None].float() * flow
+
+    def teacher_x0(self, batch: TrainBatch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The guided teacher x0 = x0_c + (s - 1)(x0_c - x0_u), s per sample (``guidance_scale``)."""
+        with torch.no_grad():
+            x0_c = self._x0(self.teacher, batch, x_t, t)
+            s = guidance_scale(t, self.cfg)
+            if bool((s == 1.0).all()):
+                return x0_c
+            x0_u = self._x0(self.teacher, batch, x_t, t, conditional=False)
+            return x0_c + (s - 1).float()[:, None, None, None, None] * (x0_c - x0_u)
+
+    def loss(self, phase: str, batch: TrainBatch, rng: SampleRandom) -> tuple[torch.Tensor, dict]:
+        if phase == "critic":
+            with torch.no_grad():
+                gen = self.rollout(batch, rng, grad=False)
+            t, x_t = self._noised(gen, rng)
+            pred = self._x0(self.critic, batch, x_t, t)
+            return (pred - gen).pow(2).flatten(1).mean(1), {}
+        gen = self.rollout(batch, rng, grad=True)
+        t, x_t = self._noised(gen.detach(), rng)
+        teacher = self.teacher_x0(batch, x_t, t)
+        with torch.no_grad():
+            critic = self._x0(self.critic, batch, x_t, t)
+        reward = None
+        info: dict = {"dmd_t": t.float().mean().item(),
+                      "guidance": guidance_scale(t, self.cfg).float().mean().item()}
+        if self.cfg.reward and self.reward is not None:
+            reward = self.reward(gen.detach(), batch.wav)
+            info["reward"] = reward.mean().item()
+            if not math.isfinite(info["reward"]):
+                raise FloatingPointError("the SyncNet reward is not finite")
+        return dmd_generator_loss(gen, teacher, critic, reward, self.cfg.reward_scale), info
