@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from .bench import commands as _bench_commands  # noqa: F401  (registers ``lipforcing bench``)
+from .bench import distill as _bench_distill  # noqa: F401  (registers ``lipforcing bench-distill``)
 from .engine.app.cli import COMMANDS, main
 from .training import cli as _training
 

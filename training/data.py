@@ -454,7 +454,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     with atomic_output(path) as tmp:
         tmp.touch()
         mode = tmp.stat().st_mode
-        save_file(tensors, str(tmp), metadata=metadata)
+        # each tensor its own storage: overlapping clips (stride < clip frames) slice the same audio features
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.chmod(tmp, mode)
 
 

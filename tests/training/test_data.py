@@ -334,3 +334,15 @@ def test_user_errors_are_config_errors(case, tmp_path, talking_clip):
         with pytest.raises(ConfigError, match="no prepared data in"):
             TrainData(tmp_path)
     assert not out.is_dir()
+
+
+def test_overlapping_clips_are_stored_apart(talking_clip, short_settings, tmp_path):
+    """A stride shorter than a clip: neighbouring clips share frames and audio rows, each stored on its own."""
+    from dataclasses import replace
+
+    report = prepare_data([talking_clip], tmp_path / "out", replace(short_settings, stride=4), progress=False)
+    data = TrainData(tmp_path / "out")
+    assert report.clips_total == len(data) >= 3
+    first, second = data.clip(0), data.clip(1)
+    assert torch.equal(first.audio[0, 4:], second.audio[0, : SHORT_CLIP - 4])  # the 4-frame shift, row for row
+    assert not torch.equal(first.audio, second.audio)

@@ -1,0 +1,171 @@
+"""``lipforcing bench-distill``: the mini-distillation, end to end on the tiny model, with one stated measure.
+
+    lipforcing bench-distill --clips DIR_OR_VIDEOS... --work DIR [--out R.json]
+
+1. Prepare the shared talking-head clips (tiny preset, 64 x 64 faces, 81-frame clips); the clips of the last
+   video are held back for evaluation.
+2. Train a tiny bidirectional teacher with plain flow matching (``lipforcing train teacher``).
+3. Stage 1 (diffusion forcing) from the teacher's weights, then stage 2 (Self-Forcing DMD with the sync-window
+   CFG) from stage 1, the frozen teacher and a critic initialised from the teacher.
+4. On the held-back clips: the teacher's 50-step samples (Euler on SPEC §2's grid, guidance 4.5 inside the sync
+   window, 1.0 outside, as stage 2's target) and each student's 2-step streaming samples through the engine's
+   inference loop (``StreamingSampler``, the exported weights): a random-weight student, the teacher's weights run
+   causally (stage 1's starting point), after stage 1, after stage 2.
+
+Measure: latent MSE between a student's sample and the teacher's sample of the same clip, averaged over the held-back
+clips and ``--seeds`` noise draws (the noises differ: DMD matches distributions, not noise-to-sample maps; the
+conditioning fixes all but the mouth, so the conditional distribution is narrow and MSE is meaningful). Lower is
+closer to the teacher. The MSE to the clean latents of the clip is reported beside it.
+
+The SyncNet reward is off here (``--no-reward``): no SyncNet weights exist without downloads and a random SyncNet's
+confidence is noise; the reward's path is tested separately (tests/training). Everything runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..engine.app.cli import command
+from ..engine.errors import ConfigError
+
+
+@command("bench-distill", "mini-distillation on the tiny model: teacher, stage 1, stage 2, then latent MSE to the "
+                          "teacher's 50-step samples on held-back clips")
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("videos", nargs="+", help="talking-head videos with speech; the last one is held back")
+    p.add_argument("--work", required=True, help="folder for the data and the runs (resumes)")
+    p.add_argument("--teacher-steps", type=int, default=300)
+    p.add_argument("--stage1-steps", type=int, default=200)
+    p.add_argument("--stage2-steps", type=int, default=100)
+    p.add_argument("--seeds", type=int, default=3, help="noise draws per held-back clip")
+    p.add_argument("--stride", type=int, default=40, help="frames between clip starts when preparing")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.set_defaults(run=_distill)
+
+
+def _train(stage: str, work: Path, data: Path, steps: int, **inits) -> Path:
+    from ..training.config import train_config
+    from ..training.trainer import Inits, TrainRun
+
+    out = work / stage
+    run = TrainRun(train_config(stage, "tiny", {"steps": steps, "reward": False}), data, out, inits=Inits(**inits),
+                   progress=True)
+    try:
+        run.train()
+    finally:
+        run.close()
+    return out
+
+
+def teacher_sample(teacher, batch, stream, seed: int) -> torch.Tensor:
+    """The teacher's 50-step sample [1, 16, L, h, w] with stage 2's guidance (4.5 in the sync window)."""
+    from ..engine.dit.full_sequence import FullSequenceAttention
+    from ..training.config import train_config
+    from ..training.stage2 import guidance_scale
+    from ..training.trajectory import euler_trajectory, flow_grid
+
+    cfg = train_config("stage2", "tiny")
+    frames = batch.latents.shape[2]
+    ctx = FullSequenceAttention(teacher.cfg, stream, frames, block_causal=False, device="cpu")
+
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        tt = torch.full((1,), t, dtype=torch.float64)
+        v_c = teacher(batch.inputs(x), tt, batch.clip(True), ctx).double()
+        s = float(guidance_scale(tt, cfg)[0])
+        if s == 1.0:
+            return v_c
+        return v_c + (s - 1) * (v_c - teacher(batch.inputs(x), tt, batch.clip(False), ctx).double())
+
+    noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return euler_trajectory(velocity, noise, flow_grid(50)).float()
+
+
+def student_sample(student, batch, stream, seed: int) -> torch.Tensor:
+    """The engine's 2-step streaming sample [1, 16, L, h, w] (the inference loop users run)."""
+    from ..engine.runtime.sampler import StreamingSampler
+
+    sampler = StreamingSampler(student, stream, backend="reference", seed=seed)
+    sampler.start_clip(batch.text_context, batch.audio, batch.ref_latent, batch.mask_latent)
+    chunks = sampler.run_clip(batch.masked_latents, batch.latents)
+    return torch.cat([c.x0 for c in chunks], dim=2)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from ..engine.dit.build import random_student
+    from ..engine.dit.checkpoint import load_student
+    from ..engine.dit.config import ModelConfig, StreamConfig
+    from ..training.batch import TrainBatch
+    from ..training.data import PrepareSettings, TrainData, prepare_data
+    from ..training.export import export_run
+
+    if len(args.videos) < 2:
+        raise ConfigError("give at least two videos: the last one is held back for evaluation")
+    work = Path(args.work)
+    started = time.perf_counter()
+    settings = PrepareSettings(preset="tiny", codec="taehv", size=64, clip_frames=81, stride=args.stride,
+                               device="cpu")
+    prepare_data(args.videos[:-1], work / "data-train", settings)
+    prepare_data(args.videos[-1:], work / "data-heldout", settings)
+    data, held = work / "data-train", TrainData(work / "data-heldout")
+    timings = {}
+    t0 = time.perf_counter()
+    teacher_run = _train("teacher", work, data, args.teacher_steps)
+    timings["teacher_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stage1_run = _train("stage1", work, data, args.stage1_steps, init=str(teacher_run))
+    timings["stage1_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stage2_run = _train("stage2", work, data, args.stage2_steps, init=str(stage1_run), teacher=str(teacher_run))
+    timings["stage2_s"] = time.perf_counter() - t0
+
+    files = {}
+    for name, run in (("teacher", teacher_run), ("stage1", stage1_run), ("stage2", stage2_run)):
+        files[name] = work / f"{name}.safetensors"
+        export_run(run, files[name])
+    tiny = ModelConfig.from_name("tiny")
+    teacher = load_student(files["teacher"], cfg=tiny, dtype=torch.float32)
+    students = {
+        "untrained (random weights)": random_student(tiny, seed=0),
+        "untrained (teacher weights, causal)": teacher,
+        "after stage 1": load_student(files["stage1"], cfg=tiny, dtype=torch.float32),
+        "after stage 1 + stage 2": load_student(files["stage2"], cfg=tiny, dtype=torch.float32),
+    }
+    stream = StreamConfig(latent_h=held.settings["latent_h"], latent_w=held.settings["latent_w"])
+    mse_teacher = {k: [] for k in students}
+    mse_clean = {k: [] for k in ["teacher 50 steps", *students]}
+    for i in range(len(held)):
+        batch = TrainBatch.from_clips(held.batch([i]), held, "cpu")
+        for seed in range(args.seeds):
+            reference = teacher_sample(teacher, batch, stream, 1000 + seed)
+            mse_clean["teacher 50 steps"].append(float((reference - batch.latents).pow(2).mean()))
+            for name, model in students.items():
+                sample = student_sample(model, batch, stream, seed)
+                mse_teacher[name].append(float((sample - reference).pow(2).mean()))
+                mse_clean[name].append(float((sample - batch.latents).pow(2).mean()))
+    report = {
+        "what": "latent MSE of 2-step causal student samples to the tiny teacher's 50-step samples (guidance 4.5 in "
+                "the sync window) on held-back clips; lower is closer",
+        "device": "cpu",
+        "held_back_clips": [c["id"] for c in held.clips],
+        "seeds": args.seeds,
+        "steps": {"teacher": args.teacher_steps, "stage1": args.stage1_steps, "stage2": args.stage2_steps},
+        "reward": "off (no SyncNet weights without downloads)",
+        "mse_to_teacher": {k: sum(v) / len(v) for k, v in mse_teacher.items()},
+        "mse_to_clean_latents": {k: sum(v) / len(v) for k, v in mse_clean.items()},
+        "timings_s": {**{k: round(v, 1) for k, v in timings.items()},
+                      "total_s": round(time.perf_counter() - started, 1)},
+    }
+    for name, value in report["mse_to_teacher"].items():
+        print(f"{name:<40} MSE to teacher {value:.5f}   to clean latents {report['mse_to_clean_latents'][name]:.5f}")
+    if args.out:
+        from ..engine.media.io import write_json
+
+        write_json(args.out, report)
+    print(json.dumps(report))
+    return 0
