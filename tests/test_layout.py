@@ -30,7 +30,8 @@ ALLOWED: dict[str, set[str]] = {
                             "lipforcing.engine.tools"},
     "lipforcing.bench": {"lipforcing.kernels", "lipforcing.engine.dit", "lipforcing.engine.runtime",
                          "lipforcing.engine.codecs", "lipforcing.engine.media", "lipforcing.engine.tools",
-                         "lipforcing.compile", "lipforcing.engine.app", "lipforcing.engine.quality"},
+                         "lipforcing.compile", "lipforcing.engine.app", "lipforcing.engine.quality",
+                         "lipforcing.training"},
 }
 FOLDERS = {"kernels": "lipforcing.kernels", "compile": "lipforcing.compile", "training": "lipforcing.training",
            "bench": "lipforcing.bench", "engine": "lipforcing.engine"}

@@ -67,7 +67,9 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.codecs.latent import CODECS, LatentEncoder, make_encoder
-from ..engine.errors import ConfigError, MediaError, WeightsError
+from ..engine.dit.checkpoint import load_text_embeds
+from ..engine.dit.config import ModelConfig
+from ..engine.errors import ConfigError, MediaError
 from ..engine.media.audio_features import SAMPLES_PER_FRAME, Wav2Vec2Features
 from ..engine.media.face import FACE_SIZE, FaceAligner, FaceTransform, frames_and_crops
 from ..engine.media.io import VideoReader, atomic_output, load_audio, probe, write_json
@@ -181,18 +183,6 @@ def check_weight_files(settings: PrepareSettings) -> None:
         raise ConfigError(f"preparing data with --preset {settings.preset} needs:\n  " + "\n  ".join(lines))
 
 
-def load_text_context(path: str | Path) -> torch.Tensor:
-    """A torch-saved [1, text_len, text_dim] (or [text_len, text_dim]) tensor -> [1, T, D] float32."""
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a small user file: any failure to read it is the file's
-        raise WeightsError(f"{path}: cannot read the text embeddings ({exc})") from None
-    if not isinstance(obj, torch.Tensor) or obj.dim() not in (2, 3) or (obj.dim() == 3 and obj.shape[0] != 1):
-        shape = tuple(obj.shape) if isinstance(obj, torch.Tensor) else type(obj).__name__
-        raise WeightsError(f"{path}: text embeddings must be one [1, text_len, text_dim] tensor, got {shape}")
-    return (obj[None] if obj.dim() == 2 else obj).float().contiguous()
-
-
 def load_preparation_networks(settings: PrepareSettings) -> PreparationNetworks:
     """Build (tiny: random weights, seeded) or load (real) every network preparing the data runs, in fp32."""
     check_weight_files(settings)
@@ -212,8 +202,9 @@ def load_preparation_networks(settings: PrepareSettings) -> PreparationNetworks:
         vae = load_wan_vae(settings.vae, device=device) if settings.codec == "wan" else None
         taehv = load_taehv(settings.taehv, device=device) if settings.codec == "taehv" else None
         text = None
-    if settings.text_emb is not None:
-        text = load_text_context(settings.text_emb)
+    if settings.text_emb is not None:  # UMT5-XXL embeddings: text_dim 4096 for every preset
+        text = load_text_embeds(settings.text_emb, ModelConfig.from_name("tiny" if settings.preset == "tiny" else
+                                                                         "14b").text_dim)
     keep = load_mask(settings.mask) if settings.mask else mouth_mask01()
     latent = settings.size // 8
     return PreparationNetworks(

@@ -29,6 +29,7 @@ import torch
 from ..codecs.latent import make_decoder, make_encoder
 from ..codecs.taehv import TAEHV
 from ..codecs.wan_vae import WanVAE
+from ..dit.checkpoint import load_text_embeds
 from ..dit.config import ModelConfig, StreamConfig
 from ..dit.model import CausalWanStudent
 from ..errors import ConfigError, WeightsError
@@ -223,7 +224,7 @@ def load_networks(cfg: RunConfig, weights: Weights = Weights()) -> Networks:
     taehv = load_taehv(weights.taehv, device=device, dtype=dtype) if "taehv" in (cfg.encoder, cfg.decoder) else None
     _drop_unused_halves(cfg, vae, taehv)
     audio = AudioEncoder(lambda: Wav2Vec2Features.from_dir(weights.wav2vec), device)
-    return Networks(student, vae, taehv, audio, load_text_embeds(weights.text_embeds, student.cfg))
+    return Networks(student, vae, taehv, audio, load_text_embeds(weights.text_embeds, student.cfg.text_dim))
 
 
 def _drop_unused_halves(cfg: RunConfig, vae: WanVAE | None, taehv: TAEHV | None) -> None:
@@ -234,28 +235,6 @@ def _drop_unused_halves(cfg: RunConfig, vae: WanVAE | None, taehv: TAEHV | None)
         del vae.encoder, vae.conv1
     if taehv is not None and cfg.encoder != "taehv":
         del taehv.encoder
-
-
-def load_text_embeds(path: str, cfg: ModelConfig) -> torch.Tensor:
-    """A [1, text_len, text_dim] tensor (or [text_len, text_dim], or a dict holding one) -> [1, L, D]."""
-    from ..dit.checkpoint import read_state_dict
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True) if not path.endswith(".safetensors") \
-            else read_state_dict(path)
-    except Exception as exc:  # a text-embedding file is small; any failure to read it is the user's file
-        raise WeightsError(f"{path}: cannot read the text embeddings ({exc})") from None
-    if isinstance(obj, dict):
-        tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
-        if len(tensors) != 1:
-            raise WeightsError(f"{path}: expected one tensor in the dict, found {len(tensors)}")
-        obj = tensors[0]
-    if not isinstance(obj, torch.Tensor):
-        raise WeightsError(f"{path}: expected a tensor of text embeddings")
-    x = obj[None] if obj.dim() == 2 else obj
-    if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != cfg.text_dim:
-        raise WeightsError(f"{path}: text embeddings must be [1, text_len, {cfg.text_dim}], got {tuple(obj.shape)}")
-    return x.float()
 
 
 @dataclass(eq=False)

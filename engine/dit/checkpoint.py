@@ -10,6 +10,7 @@ Accepted formats:
     state = read_state_dict(path)                       # name -> tensor (memory-mapped where possible)
     model = load_student(path, device="cuda", dtype=torch.bfloat16)
     convert_checkpoint("lipforcing_14b.pth", "lipforcing_14b.safetensors")
+    text = load_text_embeds("text_emb.pt", text_dim=4096)   # [1, 512, 4096]
 
 Loading is strict: missing keys, unexpected keys and shape mismatches are reported together in one
 readable message.
@@ -166,6 +167,28 @@ def load_student(
         model = CausalWanStudent(cfg)
     load_into(model, state, device=device, dtype=dtype, source=str(path))
     return model.eval()
+
+
+def load_text_embeds(path: str | Path, text_dim: int) -> torch.Tensor:
+    """Text embeddings (``text_emb.pt`` / .safetensors): a [1, text_len, text_dim] tensor (or [text_len, text_dim], or a
+    dict holding one) -> [1, L, D] float32."""
+    path = str(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True) if not path.endswith(".safetensors") \
+            else read_state_dict(path)
+    except Exception as exc:  # a text-embedding file is small; any failure to read it is the user's file
+        raise WeightsError(f"{path}: cannot read the text embeddings ({exc})") from None
+    if isinstance(obj, dict):
+        tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) != 1:
+            raise WeightsError(f"{path}: expected one tensor in the dict, found {len(tensors)}")
+        obj = tensors[0]
+    if not isinstance(obj, torch.Tensor):
+        raise WeightsError(f"{path}: expected a tensor of text embeddings")
+    x = obj[None] if obj.dim() == 2 else obj
+    if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != text_dim:
+        raise WeightsError(f"{path}: text embeddings must be [1, text_len, {text_dim}], got {tuple(obj.shape)}")
+    return x.float()
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lipforcing.engine.app.engine import RunConfig, Weights, load_text_embeds, missing_weights
+from lipforcing.engine.app.engine import RunConfig, Weights, missing_weights
+from lipforcing.engine.dit.checkpoint import load_text_embeds
 from lipforcing.engine.dit.config import ModelConfig
 from lipforcing.engine.errors import ConfigError, WeightsError
 
@@ -16,13 +17,13 @@ def test_text_embeds_accept_tensor_2d_and_dict(tmp_path):
     emb = torch.randn(1, 16, 4096)
     for name, obj in (("a.pt", emb), ("b.pt", emb[0]), ("c.pt", {"context": emb})):
         torch.save(obj, tmp_path / name)
-        assert torch.equal(load_text_embeds(str(tmp_path / name), CFG), emb)
+        assert torch.equal(load_text_embeds(str(tmp_path / name), CFG.text_dim), emb)
     torch.save(torch.randn(1, 16, 512), tmp_path / "bad.pt")
     with pytest.raises(WeightsError, match=r"\[1, text_len, 4096\]"):
-        load_text_embeds(str(tmp_path / "bad.pt"), CFG)
+        load_text_embeds(str(tmp_path / "bad.pt"), CFG.text_dim)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(WeightsError, match="cannot read"):
-        load_text_embeds(str(tmp_path / "junk.pt"), CFG)
+        load_text_embeds(str(tmp_path / "junk.pt"), CFG.text_dim)
 
 
 def test_missing_weights_depend_on_the_codecs(tmp_path):
