@@ -1,5 +1,19 @@
-"""Training: the recipe that produces the student's weights (SPEC §9): not written yet.
+"""Training: the recipe that produces the student's weights (SPEC §9). See training/README.md.
 
-It builds on the DiT core (the same ``CausalWanStudent``, called through ``engine.dit.full_sequence``
-for block-causal and bidirectional full-sequence forwards) and the codecs, never on the application layer.
+    data.py        ``lipforcing prepare-data``: aligned 81-frame clips -> latents, audio features, text (shards)
+    config.py      TrainConfig: the recipe's numbers per stage and preset, ``--config FILE``
+    networks.py    the engine's CausalWanStudent as student / teacher / critic, LoRA (peft), merged export weights
+    batch.py       a micro-batch on the device; per-sample random draws keyed by (seed, step, slot)
+    stage1.py      diffusion forcing of the block-causal student; flow matching of the bidirectional teacher
+    stage2.py      Self-Forcing DMD: the rollout, the sync-window guided teacher, the critic, the generator loss
+    reward.py      the SyncNet reward of stage 2
+    trainer.py     the loop: FSDP2 under torchrun (or one process), checkpoints (DCP), exact resume, log.jsonl
+    export.py      ``lipforcing train export``: LoRA merged, released key names
+    trajectory.py  ``lipforcing analyze-trajectory``: the teacher's 50-step trajectory, fidelity and sync per step
+    memory.py      the memory arithmetic of 14B / 1.3B training (``python -m lipforcing.training.memory``)
+    cli.py         the commands (``lipforcing train``, ``python -m lipforcing.training`` for torchrun)
+
+It builds on the DiT core (the same ``CausalWanStudent``, called through ``engine.dit.full_sequence`` for the
+block-causal and bidirectional full-sequence forwards, and through the streaming attention for stage 2's rollout),
+the codecs, the media layer, the quality metrics and the tools; never on the application layer.
 """
