@@ -27,6 +27,7 @@ device=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' 
 step() { echo "== $*" | tee -a "$OUT/suite.log"; "$@" 2>&1 | tee -a "$OUT/suite.log"; }
 
 step python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu or graph" tests/kernels tests/runtime tests/tools \
+    tests/training/test_attention.py \
     tests/media/test_face.py
 step python3 -m pytest -q -p no:cacheprovider tests/runtime tests/app/test_session.py tests/tools/test_golden.py
 golden=("${LIPFORCING_SHARED:-../shared}"/golden/*.safetensors "${LIPFORCING_SHARED:-../shared}"/golden/train/*.safetensors)

@@ -95,3 +95,25 @@ def test_backends_equal_dense_attention_with_gradients(window, sink):
     (_dense_attention(rq, rk, ref_leaves[2], block_causal_frame_mask(frames, stream), tokens) * weight).sum().backward()
     for ours, ref in zip(leaves, ref_leaves):
         assert rel_error(ours.grad, ref.grad) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_flex_attention_on_cuda_equals_chunked_with_gradients():
+    cfg = ModelConfig(dim=256, ffn_dim=32, num_heads=2, num_layers=1, text_len=4)
+    stream = StreamConfig(window_frames=10, sink_frames=1, latent_h=16, latent_w=12)  # 8 x 6 tokens
+    frames = 21
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, frames * 48, 2, 128, generator=g, device="cuda") for _ in range(3))
+    weight = torch.randn(1, frames * 48, 2, 128, generator=g, device="cuda")
+    outs, grads = [], []
+    for backend in ("flex", "chunked"):
+        ctx = FullSequenceAttention(cfg, stream, frames, block_causal=True, device="cuda", attention_backend=backend)
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        out = ctx.self_attention(0, *leaves)
+        (out * weight).sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad for x in leaves])
+    assert rel_error(outs[0], outs[1]) < 1e-4
+    for a, b in zip(*grads):
+        assert rel_error(a, b) < 1e-4

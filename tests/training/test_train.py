@@ -296,3 +296,27 @@ def test_torchrun_two_gloo_processes_match_one(tiny_data, tmp_path):
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2]
     for a, b in zip(*logs):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a, b)
+
+
+def test_command_line_trains_logs_and_reports_user_errors(tiny_data, tmp_path, capsys):
+    from lipforcing.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "stage1", "--data", str(tiny_data), "--out", str(out), "--steps", "1", "--tensorboard",
+                 "--no-progress"]) == 0
+    assert "stage1: step 1" in capsys.readouterr().out
+    record = json.loads((out / "log.jsonl").read_text())
+    assert record["step"] == 1 and math.isfinite(record["loss"])
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
+    cases = [
+        (["train", "stage1", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x")], "no prepared data"),
+        (["train", "stage2", "--preset", "1.3b", "--data", str(tiny_data), "--out", str(tmp_path / "y")], "1.3b"),
+        (["train", "stage1", "--data", str(tiny_data), "--out", str(tmp_path / "z"), "--config",
+          str(tmp_path / "missing.json")], "no such config file"),
+        (["train", "export", str(tmp_path / "none"), "-o", str(tmp_path / "s.safetensors")], "not a training run"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and needle in err, err
+    assert not (tmp_path / "s.safetensors").exists()
