@@ -6,17 +6,13 @@
     lipforcing analyze-trajectory --data DATA --teacher CKPT|RUN -o trajectory.json   # paper §4.2
     torchrun --nproc-per-node 2 -m lipforcing.training stage1 ...     # the same flags, FSDP2 over the processes
 
-The ``lipforcing`` program registers these (``lipforcing/cli.py``); ``python -m lipforcing.training`` runs ``train``
-alone. User errors print one ``error:`` line and exit 2.
+The ``lipforcing`` program registers these (``lipforcing/cli.py``); ``python -m lipforcing.training ARGS`` is
+``lipforcing train ARGS``. User errors print one ``error:`` line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-
-from ..engine.errors import LipforcingError
 
 TRAIN_HELP = "train the teacher, stage 1 (diffusion forcing) or stage 2 (Self-Forcing DMD); export a run"
 
@@ -102,25 +98,6 @@ def run_export(args: argparse.Namespace) -> int:
     n = export_run(args.run_dir, args.output, dtype=dtype, network=args.network)
     print(f"wrote {args.output}: {n} tensors (LoRA merged, released key names)")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lipforcing.training STAGE ...``: the ``train`` command alone (torchrun's entry point)."""
-    parser = argparse.ArgumentParser(prog="python -m lipforcing.training", description=TRAIN_HELP)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    train_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        return args.run(args)
-    except LipforcingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted (run the same command again to resume from the last checkpoint)", file=sys.stderr)
-        return 130
-
-
 
 
 PREPARE_HELP = "cut talking-head videos into aligned training clips: latents, audio features, text (safetensors shards)"

@@ -71,7 +71,7 @@ from ..engine.dit.checkpoint import load_text_embeds
 from ..engine.dit.config import ModelConfig
 from ..engine.errors import ConfigError, MediaError
 from ..engine.media.audio_features import SAMPLES_PER_FRAME, Wav2Vec2Features
-from ..engine.media.face import FACE_SIZE, FaceAligner, FaceTransform, frames_and_crops
+from ..engine.media.face import FACE_SIZE, FaceAligner, FaceTransform, fill_gaps, frames_and_crops
 from ..engine.media.io import VideoReader, atomic_output, load_audio, probe, write_json
 from ..engine.media.length import AUDIO_RATE, OUTPUT_FPS
 from ..engine.media.mask import latent_mask_channel, load_mask, mouth_mask01, pixel_mask
@@ -292,15 +292,7 @@ def _window_pixels(window: Sequence[_Frame], settings: PrepareSettings) -> torch
     if missing > settings.max_missing_faces:
         return (f"no face in {missing} of {len(window)} frames (more than --max-missing-faces "
                 f"{settings.max_missing_faces})")
-    matrices = [f.matrix for f in window]
-    later = None
-    for i in range(len(matrices) - 1, -1, -1):  # nearest later alignment, else the nearest earlier one
-        later = matrices[i] if matrices[i] is not None else later
-        matrices[i] = later
-    earlier = None
-    for i, m in enumerate(matrices):
-        earlier = m if m is not None else earlier
-        matrices[i] = earlier
+    matrices = fill_gaps([f.matrix for f in window])
     device = next(f.crop.device for f in window if f.crop is not None)
     return torch.stack([f.crop if f.crop is not None else _crop(f.raw, m, settings.size, device)
                         for f, m in zip(window, matrices)])

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, LipforcingError
-from ..media.face import FaceTransform, faces_to_tensor, frames_and_crops, group_by_size, upload_frames
+from ..media.face import FaceTransform, faces_to_tensor, fill_gaps, frames_and_crops, group_by_size, upload_frames
 from ..media.length import AUDIO_RATE, clip_length_from_samples
 from ..media.live_audio import DEFAULT_CONTEXT_S, SpeechBuffer, WindowedFeatures
 from ..media.paste_back import paste_back
@@ -486,7 +486,7 @@ class LipSync:
                 crops = faces_to_tensor([avatar.crop(i) for i in range(piece.start, piece.stop)], engine.device)
                 latents = avatar.latents(3 * b, 3 * b + 3).to(engine.device, non_blocking=True)
             else:
-                matrices = [t.matrix for t in _fill_gaps(piece.transforms)]  # a frame without a face borrows one
+                matrices = [t.matrix for t in fill_gaps(piece.transforms)]  # a frame without a face borrows one
                 frames, crops = frames_and_crops(piece.frames, matrices, engine.device)
             piece.device["frames"], piece.device["crops"] = frames, crops
             piece.device["output"] = parts.pipeline.submit(None if latents is not None else crops * 2 - 1,
@@ -640,15 +640,3 @@ def _check_frame(frame) -> np.ndarray:
     return image
 
 
-def _fill_gaps(transforms: list[FaceTransform | None]) -> list[FaceTransform]:
-    """Each frame's transform, a frame without one taking the nearest later one (else the nearest earlier)."""
-    out: list[FaceTransform | None] = list(transforms)
-    nxt = None
-    for i in range(len(out) - 1, -1, -1):
-        nxt = out[i] if out[i] is not None else nxt
-        out[i] = nxt
-    prev = None
-    for i, t in enumerate(out):
-        prev = t if t is not None else prev
-        out[i] = prev
-    return out

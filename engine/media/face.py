@@ -40,7 +40,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -61,6 +61,9 @@ EMA_NEW = 0.8  # weight of the new translation in the "nose bias" moving average
 MP_IMAGE_LEFT_BROW = (46, 52, 53, 55, 63, 65, 66, 70, 105, 107)
 MP_IMAGE_RIGHT_BROW = (276, 282, 283, 285, 293, 295, 296, 300, 334, 336)
 MP_NOSE_TIP = 1
+
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -551,3 +554,18 @@ def faces_to_tensor(images: np.ndarray | Sequence[np.ndarray], device: str | tor
     if device.type == "cuda":
         array = array.pin_memory().to(device, non_blocking=True)
     return array.permute(0, 3, 1, 2).float() / 255.0
+
+
+def fill_gaps(items: Sequence[T | None]) -> list[T]:
+    """Per frame, its own alignment (a transform, a matrix) or, for a frame without one, the nearest later one,
+    else the nearest earlier one. At least one item must be present."""
+    out: list[T | None] = list(items)
+    following = None
+    for i in range(len(out) - 1, -1, -1):
+        following = out[i] if out[i] is not None else following
+        out[i] = following
+    preceding = None
+    for i, item in enumerate(out):
+        preceding = item if item is not None else preceding
+        out[i] = preceding
+    return out
