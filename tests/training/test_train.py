@@ -320,3 +320,20 @@ def test_command_line_trains_logs_and_reports_user_errors(tiny_data, tmp_path, c
         err = capsys.readouterr().err
         assert err.startswith("error:") and needle in err, err
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_bf16_compute_keeps_fp32_master_weights(tiny_data, tmp_path):
+    """FSDP2 mixed precision with activation checkpointing: trained parameters stay fp32, frozen ones are stored in
+    bf16, and the loss is the fp32 run's up to bf16 rounding."""
+    losses = {}
+    for dtype in ("fp32", "bf16"):
+        run = _run("stage1", tiny_data, tmp_path / dtype, steps=1, compute_dtype=dtype, activation_checkpointing=True)
+        try:
+            params = list(run.objective.student.named_parameters())
+            if dtype == "bf16":
+                assert {p.dtype for _, p in params if p.requires_grad} == {torch.float32}
+                assert {p.dtype for _, p in params if not p.requires_grad} == {torch.bfloat16}
+            losses[dtype] = run.train()[0]["loss"]
+        finally:
+            run.close()
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=TOLERANCE[torch.bfloat16])
