@@ -67,20 +67,12 @@ def teacher_sample(teacher, batch, stream, seed: int) -> torch.Tensor:
     from ..engine.dit.full_sequence import FullSequenceAttention
     from ..training.config import train_config
     from ..training.stage2 import guidance_scale
-    from ..training.trajectory import euler_trajectory, flow_grid
+    from ..training.trajectory import GuidedVelocity, euler_trajectory, flow_grid
 
     cfg = train_config("stage2", "tiny")
-    frames = batch.latents.shape[2]
-    ctx = FullSequenceAttention(teacher.cfg, stream, frames, block_causal=False, device="cpu")
-
-    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-        tt = torch.full((1,), t, dtype=torch.float64)
-        v_c = teacher(batch.inputs(x), tt, batch.clip(True), ctx).double()
-        s = float(guidance_scale(tt, cfg)[0])
-        if s == 1.0:
-            return v_c
-        return v_c + (s - 1) * (v_c - teacher(batch.inputs(x), tt, batch.clip(False), ctx).double())
-
+    ctx = FullSequenceAttention(teacher.cfg, stream, batch.latents.shape[2], block_causal=False, device="cpu")
+    velocity = GuidedVelocity(teacher, batch, ctx,
+                              lambda t: float(guidance_scale(torch.tensor([t], dtype=torch.float64), cfg)[0]))
     noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return euler_trajectory(velocity, noise, flow_grid(50)).float()

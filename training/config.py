@@ -81,6 +81,7 @@ class TrainConfig:
     dmd_u_range: tuple[float, float] = (0.001, 0.999)
     """u ~ U(range), t = shift u / (1 + (shift - 1) u)."""
     shift: float = 5.0
+    """The Wan time shift of SPEC §2: DMD times (stage 2) and the teacher's training times."""
     critic_ratio: int = 5
     """The critic updates every iteration, the student every ``critic_ratio``-th."""
     reward_scale: float = 2.0
@@ -88,7 +89,8 @@ class TrainConfig:
     reward: bool = True
     """False: no SyncNet reward (weight 1)."""
     # teacher (flow matching)
-    teacher_t_shift: float = 5.0
+    cond_dropout: float = 0.1
+    """Fraction of samples whose audio and text are zeroed, so that the unconditional branch is learned."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

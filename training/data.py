@@ -366,7 +366,8 @@ def prepare_source(path: Path, prefix: str, nets: PreparationNetworks, settings:
                 latents, masked = encode_clip(nets.encoder, pixels, nets.keep_pixels)
                 wav = speech[start * SAMPLES_PER_FRAME : (start + need) * SAMPLES_PER_FRAME]
                 result.tensors.update({f"{name}/latents": latents, f"{name}/masked_latents": masked,
-                                       f"{name}/audio": features[start : start + need].contiguous(),
+                                       # a copy: overlapping clips (stride < clip) share rows of the features
+                                       f"{name}/audio": features[start : start + need].clone(),
                                        f"{name}/wav": torch.from_numpy(wav.copy())})
                 result.clips.append({"id": name, "start_frame": start, "frames": need})
                 bar.set_postfix(clips=len(result.clips))
@@ -437,8 +438,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     with atomic_output(path) as tmp:
         tmp.touch()
         mode = tmp.stat().st_mode
-        # each tensor its own storage: overlapping clips (stride < clip frames) slice the same audio features
-        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, mode)
 
 
@@ -590,6 +590,13 @@ class TrainData:
         self.text_context: torch.Tensor = common["text_context"]  # [1, T, D]
         self.mask_latent: torch.Tensor = common["mask_latent"]  # [1, 1, 1, h, w], 1 = mouth
         self._shards: dict[str, object] = {}
+
+    def check_model(self, model: ModelConfig, preset: str) -> None:
+        """Refuse data prepared for another model (its audio features or text embedding sizes)."""
+        for key, want in (("audio_dim", model.audio_dim), ("text_dim", model.text_dim), ("text_len", model.text_len)):
+            if self.settings.get(key) != want:
+                raise ConfigError(f"{self.root}: prepared with {key} {self.settings.get(key)}, the {preset} model "
+                                  f"needs {want} (prepare the data with the matching preset)")
 
     def __len__(self) -> int:
         return len(self.clips)

@@ -16,43 +16,38 @@ from pathlib import Path
 import torch
 
 from ..engine.errors import ConfigError
-from .networks import add_lora, build_network, released_state_dict
+from ..engine.media.io import atomic_output
+from .networks import released_state_dict, trainable_network
 
 NETWORK_OF_STAGE = {"teacher": "teacher", "stage1": "student", "stage2": "student"}
 
 
 def trained_network(run_dir: str | Path, network: str | None = None):
     """(network name, the run's network with its latest trained weights, on the CPU, fp32)."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
-    from .trainer import latest_checkpoint, read_run, resolve_init
+    from .trainer import Inits, latest_checkpoint, read_run, resolve_init
 
     run_dir = Path(run_dir)
     cfg, record = read_run(run_dir)
-    name = network or NETWORK_OF_STAGE[cfg.stage]
+    own = NETWORK_OF_STAGE[cfg.stage]
+    name = network or own
+    if name not in (own, "critic") or (name == "critic" and cfg.stage != "stage2"):
+        raise ConfigError(f"a {cfg.stage} run trains '{own}'" + (" and 'critic'" if cfg.stage == "stage2" else "")
+                          + f", not {name!r}")
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise ConfigError(f"{run_dir}: the run has no checkpoint yet (it writes one every {cfg.save_every} steps "
                           "and at the end)")
-    inits = record["inits"]
-    init, seed = inits.get("init"), cfg.seed
-    if name == "critic":
-        init, seed = inits.get("critic") or inits.get("teacher"), cfg.seed + 1
-    elif name != NETWORK_OF_STAGE[cfg.stage]:
-        raise ConfigError(f"a {cfg.stage} run trains '{NETWORK_OF_STAGE[cfg.stage]}'"
-                          + (" and 'critic'" if cfg.stage == "stage2" else "") + f", not {name!r}")
-    model = build_network(cfg.preset, resolve_init(init, torch.device("cpu")), seed=seed)
-    if cfg.lora.enabled:
-        add_lora(model, cfg.lora, seed=seed)
-    else:
-        model.requires_grad_(True)
-    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    state = {f"model.{name}": trained}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in trained:
-                p.copy_(state[f"model.{name}"][n])
+    init, seed = Inits(**record["inits"]).source(cfg.stage, name, cfg.seed)
+    model = trainable_network(cfg.preset, resolve_init(init), cfg.lora, seed=seed)
+    # the trained tensors, loaded in place (frozen weights come from the init)
+    state = {f"model.{name}": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}}
+    with warnings.catch_warnings():  # "loading in a single process": what is meant here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
     return name, model.eval()
 
 
@@ -68,10 +63,6 @@ def export_run(run_dir: str | Path, output: str | Path, *, dtype: torch.dtype | 
     name, model = trained_network(run_dir, network)
     state = released_state_dict(model, dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".partial")
-    try:
+    with atomic_output(output) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "source": f"lipforcing train export ({name})"})
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return len(state)

@@ -4,7 +4,8 @@ Student, teacher and critic are the same class, called block-causal (student) or
 training never defines a second copy of the model.
 
     model = build_network("tiny", init=None, seed=0)           # random weights (tiny) or a checkpoint (--init)
-    add_lora(model, cfg.lora)                                   # peft adapters; sets what is trainable
+    add_lora(model, cfg.lora, seed=0)                           # peft adapters; sets what is trainable
+    model = trainable_network("tiny", init, cfg.lora, seed=0)   # both, as the trainer and the export build it
     state = released_state_dict(model)                          # LoRA merged, released key names (SPEC §10)
 """
 
@@ -50,8 +51,7 @@ def add_lora(model: CausalWanStudent, lora: LoraConfig, *, seed: int = 0) -> Cau
     The adapters' initial values come from ``seed`` (not from the global RNG), so every process and every
     rebuild of a run starts from the same ones."""
     if not lora.enabled:
-        model.requires_grad_(True)
-        return model
+        return model.requires_grad_(True)
     try:
         from peft import LoraConfig as PeftLoraConfig
         from peft import inject_adapter_in_model
@@ -69,15 +69,20 @@ def add_lora(model: CausalWanStudent, lora: LoraConfig, *, seed: int = 0) -> Cau
     return model
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+def trainable_network(preset: str, init: str | Path | None, lora: LoraConfig, *, seed: int,
+                      device: torch.device | str = "cpu") -> CausalWanStudent:
+    """A network as a run trains it: ``build_network`` then LoRA (``lora.enabled``) or every parameter trained.
+    The trainer and the export build it the same way, so a checkpoint's trained tensors fit either."""
+    model = build_network(preset, init, seed=seed, device=device)
+    if lora.enabled:
+        return add_lora(model, lora, seed=seed)
+    return model.requires_grad_(True)
 
 
 @torch.no_grad()
 def released_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The network's weights under the released key names: every LoRA adapter merged into its base weight
     (W + (alpha / r) B A), adapter tensors dropped. The model is left unchanged."""
-    state = {k: v for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {}):
@@ -88,7 +93,7 @@ def released_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> d
             out[f"{name}.weight"] = merged.to(base.weight.dtype)
             if base.bias is not None:
                 out[f"{name}.bias"] = base.bias.detach().clone()
-    for key, value in state.items():
+    for key, value in model.state_dict().items():
         if ".lora_" in key:
             continue
         plain = key.replace(".base_layer.", ".")

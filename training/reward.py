@@ -1,6 +1,6 @@
 """The SyncNet reward of stage 2 (SPEC §9): r = Sync-C of the TAEHV-decoded rollout against the clip's speech.
 
-    reward = SyncReward(taehv, syncnet)                 # engine.codecs.taehv.TAEHV, engine.quality.syncnet.SyncNet
+    reward = load_reward("14b", "taew2_1.pth", "syncnet_v2.model", "cuda")   # or SyncReward(taehv, syncnet)
     r = reward(latents, wav)                            # latents [B, 16, L, h, w], wav [B, S] 16 kHz -> r [B]
 
 The decoded clip is the aligned face itself, so SyncNet sees the whole frame resized to 224 x 224, **BGR, 0..255**
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.errors import ConfigError
 from ..engine.quality.syncnet import CROP_SIZE, distance_table, embed, int16_scale, mfcc, sync_scores
 
 
@@ -26,7 +27,7 @@ def face_crops_bgr(frames: torch.Tensor) -> np.ndarray:
 
 
 class SyncReward:
-    """SyncNet confidence of decoded latents; ``scale`` is how the generator loss uses it (weight exp(scale r))."""
+    """SyncNet confidence (Sync-C) of decoded latents against speech."""
 
     def __init__(self, taehv, syncnet, *, device: torch.device | str = "cpu") -> None:
         self.taehv, self.syncnet, self.device = taehv, syncnet, device
@@ -38,14 +39,38 @@ class SyncReward:
         return self.taehv.decode_video(z)
 
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, wav: torch.Tensor) -> torch.Tensor:
-        """latents [B, 16, L, h, w], wav [B, S] float 16 kHz -> Sync-C per sample [B] float32 (CPU)."""
-        frames = self.frames(latents)
+    def confidence(self, frames: torch.Tensor, wav: torch.Tensor) -> torch.Tensor:
+        """Decoded frames [B, N, 3, H, W] in [0, 1], wav [B, S] float 16 kHz -> Sync-C per sample [B] float32 (CPU)."""
         out = []
         for clip, speech in zip(frames, wav):
             speech = speech.cpu().double().numpy()
-            crops = face_crops_bgr(clip)
-            video, audio = embed(self.syncnet, crops, mfcc(int16_scale(speech)), samples=speech.size,
+            video, audio = embed(self.syncnet, face_crops_bgr(clip), mfcc(int16_scale(speech)), samples=speech.size,
                                  device=self.device)
             out.append(sync_scores(distance_table(video, audio)).sync_c)
         return torch.tensor(out, dtype=torch.float32)
+
+    def __call__(self, latents: torch.Tensor, wav: torch.Tensor) -> torch.Tensor:
+        """latents [B, 16, L, h, w], wav [B, S] -> Sync-C per sample [B] (decode, then ``confidence``)."""
+        return self.confidence(self.frames(latents), wav)
+
+
+def load_reward(preset: str, taehv: str | None, syncnet: str | None, device: torch.device | str,
+                seed: int = 0) -> SyncReward:
+    """The reward's networks: ``taew2_1.pth`` and ``syncnet_v2.model``; the tiny preset, without them, uses the tiny
+    model's random TAEHV (the one ``prepare-data --preset tiny`` encodes with, same ``seed``) and a random SyncNet.
+    Both frozen."""
+    from ..engine.codecs.taehv import load_taehv
+    from ..engine.quality.syncnet import load_syncnet, random_syncnet
+
+    if preset != "tiny":
+        missing = [flag for flag, value in (("--taehv", taehv), ("--syncnet", syncnet)) if not value]
+        if missing:
+            raise ConfigError(f"the SyncNet reward needs {' and '.join(missing)} (taew2_1.pth, syncnet_v2.model)")
+    if taehv:
+        decoder = load_taehv(taehv, device=device)
+    else:
+        from ..engine.tools.tiny import tiny_networks
+
+        decoder = tiny_networks(device, seed=seed)[2]
+    net = load_syncnet(syncnet, device) if syncnet else random_syncnet(seed, device)
+    return SyncReward(decoder.requires_grad_(False), net.requires_grad_(False), device=device)

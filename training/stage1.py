@@ -17,10 +17,12 @@ zeros for a fraction of the samples so that the unconditional branch of the guid
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from ..engine.dit.config import StreamConfig
+from ..engine.dit.config import ModelConfig, StreamConfig
 from ..engine.dit.full_sequence import FullSequenceAttention
 from ..engine.dit.model import ClipInputs
 from .batch import SampleRandom, TrainBatch, step_random
@@ -32,6 +34,20 @@ def shifted(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def noised(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t eps in float64 (as the released code), float32 out; t broadcasts against x0
+    ([B, 1, F|1, 1, 1])."""
+    return ((1 - t) * x0.double() + t * eps.double()).float()
+
+
+@functools.lru_cache(maxsize=32)
+def full_sequence_attention(model: ModelConfig, stream: StreamConfig, frames: int, block_causal: bool,
+                            device: str) -> FullSequenceAttention:
+    """The full-sequence attention context of one clip shape, built once (its RoPE table and block mask) and shared
+    by every call and every network of that shape."""
+    return FullSequenceAttention(model, stream, frames, block_causal=block_causal, device=device)
+
+
 class DiffusionForcing:
     """Stage 1: the block-causal student on whole clips with per-chunk times."""
 
@@ -40,8 +56,6 @@ class DiffusionForcing:
     def __init__(self, cfg: TrainConfig, student: nn.Module, stream: StreamConfig) -> None:
         self.cfg, self.student, self.stream = cfg, student, stream
         self.trained = {"student": student}
-        self.frozen: dict[str, nn.Module] = {}
-        self._attention: dict[tuple, FullSequenceAttention] = {}
         self.pair = cfg.window_sink_pairs[0]
 
     def phases_at(self, step: int) -> tuple[str, ...]:
@@ -53,13 +67,10 @@ class DiffusionForcing:
         return {"window": self.pair[0], "sink": self.pair[1]}
 
     def attention(self, frames: int, device) -> FullSequenceAttention:
-        key = (frames, self.pair, str(device))
-        if key not in self._attention:
-            window, sink = self.pair
-            stream = self.stream.replace(window_frames=window, sink_frames=sink)
-            self._attention[key] = FullSequenceAttention(self.student.cfg, stream, frames, block_causal=True,
-                                                         device=device)
-        return self._attention[key]
+        """Block-causal with this step's (window, sink)."""
+        window, sink = self.pair
+        stream = self.stream.replace(window_frames=window, sink_frames=sink)
+        return full_sequence_attention(self.student.cfg, stream, frames, True, str(device))
 
     def chunk_times(self, rng: SampleRandom, frames: int) -> torch.Tensor:
         """[B, F] float64: one t per chunk from ``chunk_t``, repeated over the chunk's frames."""
@@ -74,7 +85,7 @@ class DiffusionForcing:
         t = self.chunk_times(rng, frames).to(x0.device)  # [B, F]
         eps = rng.randn(x0.shape[1:])
         tb = t[:, None, :, None, None]
-        x_t = ((1 - tb) * x0.double() + tb * eps.double()).float()
+        x_t = noised(x0, tb, eps)
         flow = self.student(batch.inputs(x_t), t, batch.clip(), self.attention(frames, x0.device))
         x0_pred = x_t - tb.float() * flow
         return 0.5 * (x0_pred - x0).pow(2).flatten(1).mean(1), {}
@@ -84,13 +95,10 @@ class FlowMatching:
     """The bidirectional teacher: plain flow matching with conditioning dropout."""
 
     phases = ("teacher",)
-    cond_dropout = 0.1
 
     def __init__(self, cfg: TrainConfig, teacher: nn.Module, stream: StreamConfig) -> None:
         self.cfg, self.teacher, self.stream = cfg, teacher, stream
         self.trained = {"teacher": teacher}
-        self.frozen: dict[str, nn.Module] = {}
-        self._attention: dict[tuple, FullSequenceAttention] = {}
 
     def phases_at(self, step: int) -> tuple[str, ...]:
         return self.phases
@@ -98,20 +106,13 @@ class FlowMatching:
     def begin_step(self, step: int) -> dict:
         return {}
 
-    def attention(self, frames: int, device) -> FullSequenceAttention:
-        key = (frames, str(device))
-        if key not in self._attention:
-            self._attention[key] = FullSequenceAttention(self.teacher.cfg, self.stream, frames, block_causal=False,
-                                                         device=device)
-        return self._attention[key]
-
     def loss(self, phase: str, batch: TrainBatch, rng: SampleRandom) -> tuple[torch.Tensor, dict]:
         x0 = batch.latents
-        t = shifted(rng.rand(), self.cfg.teacher_t_shift).clamp(1e-3, 0.999).to(x0.device)  # [B]
-        keep = (rng.rand() >= self.cond_dropout).to(x0.device, torch.float32)  # [B]
+        t = shifted(rng.rand(), self.cfg.shift).clamp(1e-3, 0.999).to(x0.device)  # [B]
+        keep = (rng.rand() >= self.cfg.cond_dropout).to(x0.device, torch.float32)  # [B]
         eps = rng.randn(x0.shape[1:])
-        tb = t[:, None, None, None, None]
-        x_t = ((1 - tb) * x0.double() + tb * eps.double()).float()
+        x_t = noised(x0, t[:, None, None, None, None], eps)
         clip = ClipInputs(batch.text_context * keep[:, None, None], batch.audio * keep[:, None, None])
-        flow = self.teacher(batch.inputs(x_t), t, clip, self.attention(x0.shape[2], x0.device))
+        attention = full_sequence_attention(self.teacher.cfg, self.stream, x0.shape[2], False, str(x0.device))
+        flow = self.teacher(batch.inputs(x_t), t, clip, attention)
         return (flow - (eps - x0)).pow(2).flatten(1).mean(1), {}

@@ -29,11 +29,11 @@ from torch import nn
 from ..engine.dit.attention import RopeTable, StreamingAttention
 from ..engine.dit.cache import SinkWindowCache
 from ..engine.dit.config import StreamConfig
-from ..engine.dit.full_sequence import FullSequenceAttention
 from ..engine.errors import ConfigError
+from ..engine.runtime.sampler import flow_step
 from .batch import SampleRandom, TrainBatch, step_random
 from .config import TrainConfig
-from .stage1 import shifted
+from .stage1 import full_sequence_attention, noised, shifted
 
 
 class CacheSnapshot:
@@ -83,9 +83,7 @@ class SelfForcingDMD:
         self.stream = stream.replace(sink_frames=1, window_frames=7)  # the streaming semantics of inference
         self.reward = reward
         self.trained = {"student": student, "critic": critic}
-        self.frozen = {"teacher": teacher}
         self.exit_step = 0
-        self._attention: dict[tuple, FullSequenceAttention] = {}
 
     def phases_at(self, step: int) -> tuple[str, ...]:
         return ("student", "critic") if step % self.cfg.critic_ratio == 0 else ("critic",)
@@ -101,13 +99,6 @@ class SelfForcingDMD:
             raise ConfigError(f"stage 2 rolls out {self.cfg.rollout_chunks} chunks = {frames} latent frames; the data "
                               f"has clips of {batch.latents.shape[2]} (prepare 81-frame clips)")
         return frames
-
-    def bidirectional(self, frames: int, device) -> FullSequenceAttention:
-        key = (frames, str(device))
-        if key not in self._attention:
-            self._attention[key] = FullSequenceAttention(self.teacher.cfg, self.stream, frames, block_causal=False,
-                                                         device=device)
-        return self._attention[key]
 
     def rollout(self, batch: TrainBatch, rng: SampleRandom, *, grad: bool) -> torch.Tensor:
         """The student's clip [B, 16, F, h, w], chunk by chunk against its cache; with ``grad`` the exit call of
@@ -131,10 +122,8 @@ class SelfForcingDMD:
                 with torch.set_grad_enabled(grad and last):
                     flow = model(batch.inputs(x, start), torch.tensor(t, dtype=torch.float64), clip, ctx,
                                  start_frame=start)
-                    x0 = x - t * flow
-                if not last:
-                    eps = rng.randn(x.shape[1:])
-                    x = ((1 - t_list[i + 1]) * x0.double() + t_list[i + 1] * eps.double()).float()
+                eps = None if last else rng.randn(x.shape[1:])
+                x0, x = flow_step(x, flow, t, None if last else t_list[i + 1], eps)  # the inference loop's update
             with torch.no_grad():
                 ctx = StreamingAttention(cache, plan, rope, write=True, backend="reference")
                 model(batch.inputs(x0.detach(), start), torch.tensor(self.stream.commit_t, dtype=torch.float64),
@@ -147,13 +136,12 @@ class SelfForcingDMD:
         """(t [B] float64, x_t) with t = shift(u), u ~ U(dmd_u_range), fresh noise."""
         lo, hi = self.cfg.dmd_u_range
         t = shifted(lo + (hi - lo) * rng.rand(), self.cfg.shift).to(clean.device)
-        eps = rng.randn(clean.shape[1:])
-        tb = t[:, None, None, None, None]
-        return t, ((1 - tb) * clean.double() + tb * eps.double()).float()
+        return t, noised(clean, t[:, None, None, None, None], rng.randn(clean.shape[1:]))
 
     def _x0(self, net: nn.Module, batch: TrainBatch, x_t: torch.Tensor, t: torch.Tensor, conditional: bool = True):
         frames = x_t.shape[2]
-        flow = net(batch.inputs(x_t), t, batch.clip(conditional), self.bidirectional(frames, x_t.device))
+        attention = full_sequence_attention(self.teacher.cfg, self.stream, frames, False, str(x_t.device))
+        flow = net(batch.inputs(x_t), t, batch.clip(conditional), attention)
         return x_t - t[:, None, None, None, None].float() * flow
 
     def teacher_x0(self, batch: TrainBatch, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -39,10 +39,11 @@ from torch import nn
 
 from ..engine.dit.config import ModelConfig, StreamConfig
 from ..engine.errors import ConfigError
+from ..engine.media.io import atomic_output, write_json
 from .batch import SampleRandom, TrainBatch
 from .config import TrainConfig, from_json
 from .data import TrainData
-from .networks import add_lora, build_network
+from .networks import build_network, trainable_network
 
 log = logging.getLogger("lipforcing")
 
@@ -64,6 +65,14 @@ class Inits:
     """Stage 2: TAEHV weights for the reward's decoding (tiny preset: random)."""
     syncnet: str | None = None
     """Stage 2: ``syncnet_v2.model`` for the reward (tiny preset: random)."""
+
+    def source(self, stage: str, network: str, seed: int) -> tuple[str | None, int]:
+        """(init weights, seed of random weights and LoRA) of ``network`` in a ``stage`` run: the network a stage
+        trains starts from ``init``; stage 2's frozen teacher from ``teacher`` and its critic from ``critic`` (else
+        the teacher), both with seed + 1 (so a tiny run's random critic starts as its random teacher)."""
+        if stage != "stage2" or network == "student":
+            return self.init, seed
+        return (self.critic or self.teacher if network == "critic" else self.teacher), seed + 1
 
 
 @dataclass(frozen=True)
@@ -126,12 +135,12 @@ class TrainRun:
         self.inits = inits
         self.tensorboard, self.progress = tensorboard, progress
         self.data = TrainData(self.data_dir)
-        self.model_cfg = ModelConfig.from_name(cfg.preset)
-        self._check_data()
-        self._check_batch()
+        self.data.check_model(ModelConfig.from_name(cfg.preset), cfg.preset)
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"{self.out} exists and is not a folder")
         self.procs = start_processes(device)
+        self._check_batch()
+        self._permutation: tuple[int, torch.Tensor] | None = None
         s = self.data.settings
         self.stream = StreamConfig(latent_h=s["latent_h"], latent_w=s["latent_w"])
         self._check_run_record()
@@ -144,15 +153,8 @@ class TrainRun:
 
     # --- set-up ---------------------------------------------------------------------------------------------
 
-    def _check_data(self) -> None:
-        s, m = self.data.settings, self.model_cfg
-        for key, want in (("audio_dim", m.audio_dim), ("text_dim", m.text_dim), ("text_len", m.text_len)):
-            if s.get(key) != want:
-                raise ConfigError(f"{self.data_dir}: prepared with {key} {s.get(key)}, the {self.cfg.preset} model "
-                                  f"needs {want} (prepare the data with the matching preset)")
-
     def _check_batch(self) -> None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = self.procs.world
         c = self.cfg
         if c.batch % world or (c.batch // world) % c.micro_batch:
             raise ConfigError(f"batch {c.batch} must split into {world} processes x micro-batches of {c.micro_batch}")
@@ -177,76 +179,55 @@ class TrainRun:
                                "remove it")
             if problem is None:
                 self.out.mkdir(parents=True, exist_ok=True)
-                _write_atomic(path, json.dumps(record, indent=2))
+                write_json(path, record)
         verdict = [problem]
         dist.broadcast_object_list(verdict, src=0)
         if verdict[0] is not None:
             raise ConfigError(verdict[0])
 
-    def _network(self, init: str | None, *, lora: bool, seed: int) -> nn.Module:
-        model = build_network(self.cfg.preset, resolve_init(init, self.procs.device), seed=seed,
-                              device=self.procs.device)
-        if lora:
-            add_lora(model, self.cfg.lora, seed=seed)
-        else:
-            model.requires_grad_(True)
+    def _trained(self, network: str) -> nn.Module:
+        init, seed = self.inits.source(self.cfg.stage, network, self.cfg.seed)
+        model = trainable_network(self.cfg.preset, resolve_init(init), self.cfg.lora, seed=seed,
+                                  device=self.procs.device)
         return shard(model, self.cfg)
-
-    def _frozen(self, init: str | None, *, seed: int) -> nn.Module:
-        model = build_network(self.cfg.preset, resolve_init(init, self.procs.device), seed=seed,
-                              device=self.procs.device)
-        model.requires_grad_(False)
-        return shard(model, self.cfg).eval()
 
     def _build_objective(self):
         cfg, inits = self.cfg, self.inits
         if cfg.stage == "teacher":
             from .stage1 import FlowMatching
 
-            return FlowMatching(cfg, self._network(inits.init, lora=cfg.lora.enabled, seed=cfg.seed), self.stream)
+            return FlowMatching(cfg, self._trained("teacher"), self.stream)
         if cfg.stage == "stage1":
             from .stage1 import DiffusionForcing
 
-            return DiffusionForcing(cfg, self._network(inits.init, lora=cfg.lora.enabled, seed=cfg.seed), self.stream)
+            return DiffusionForcing(cfg, self._trained("student"), self.stream)
+        from .reward import load_reward
         from .stage2 import SelfForcingDMD
 
         if cfg.preset != "tiny" and not inits.teacher:
             raise ConfigError("stage 2 needs the frozen teacher: --teacher CHECKPOINT")
-        student = self._network(inits.init, lora=cfg.lora.enabled, seed=cfg.seed)
-        teacher = self._frozen(inits.teacher, seed=cfg.seed + 1)
-        critic = self._network(inits.critic or inits.teacher, lora=cfg.lora.enabled, seed=cfg.seed + 1)
-        reward = self._reward() if cfg.reward else None
-        return SelfForcingDMD(cfg, student, teacher, critic, self.stream, reward)
-
-    def _reward(self):
-        from ..engine.codecs.taehv import load_taehv
-        from ..engine.quality.syncnet import load_syncnet, random_syncnet
-        from .reward import SyncReward
-
-        dev = self.procs.device
-        if self.cfg.preset == "tiny":
-            from ..engine.tools.tiny import tiny_networks
-
-            taehv = load_taehv(self.inits.taehv, device=dev) if self.inits.taehv else tiny_networks(dev)[2]
-            syncnet = load_syncnet(self.inits.syncnet, dev) if self.inits.syncnet else random_syncnet(0, dev)
-        else:
-            missing = [flag for flag, v in (("--taehv", self.inits.taehv), ("--syncnet", self.inits.syncnet)) if not v]
-            if missing:
-                raise ConfigError(f"the SyncNet reward needs {' and '.join(missing)} (taew2_1.pth, syncnet_v2.model); "
-                                  "or turn it off with --no-reward")
-            taehv, syncnet = load_taehv(self.inits.taehv, device=dev), load_syncnet(self.inits.syncnet, dev)
-        taehv.requires_grad_(False)
-        syncnet.requires_grad_(False)
-        return SyncReward(taehv, syncnet, device=dev)
+        init, seed = inits.source(cfg.stage, "teacher", cfg.seed)
+        teacher = build_network(cfg.preset, resolve_init(init), seed=seed, device=self.procs.device)
+        teacher = shard(teacher.requires_grad_(False), cfg).eval()
+        reward = None
+        if cfg.reward:
+            try:
+                reward = load_reward(cfg.preset, inits.taehv, inits.syncnet, self.procs.device)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc}; or train without it: --no-reward") from None
+        return SelfForcingDMD(cfg, self._trained("student"), teacher, self._trained("critic"), self.stream, reward)
 
     # --- data -----------------------------------------------------------------------------------------------
 
     def clip_index(self, slot: int) -> int:
-        """The data set's clip at global sample slot ``slot``: epochs of seeded permutations."""
+        """The data set's clip at global sample slot ``slot``: epochs of seeded permutations (the current epoch's
+        is kept)."""
         n = len(self.data)
         epoch, i = divmod(slot, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
-        return int(perm[i])
+        if self._permutation is None or self._permutation[0] != epoch:
+            generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            self._permutation = (epoch, torch.randperm(n, generator=generator))
+        return int(self._permutation[1][i])
 
     def micro_batches(self, step: int) -> list[range]:
         """This process's micro-batches of step ``step``: ranges of global sample slots."""
@@ -266,7 +247,7 @@ class TrainRun:
             net, opt = self.objective.trained[phase], self.optimizers[phase]
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), dtype=torch.float64)
-            infos: dict[str, float] = {}
+            infos: dict[str, float] = {}  # per-sample means of what the loss reports, summed over this process
             for slots in self.micro_batches(step):
                 clips = self.data.batch([self.clip_index(s) for s in slots])
                 batch = TrainBatch.from_clips(clips, self.data, self.procs.device)
@@ -278,16 +259,16 @@ class TrainRun:
                     infos[k] = infos.get(k, 0.0) + v * len(slots)
             norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], self.cfg.grad_clip)
             opt.step()
-            dist.all_reduce(total)
-            loss = float(total) / self.cfg.batch
+            sums = torch.tensor([float(total), *infos.values()], dtype=torch.float64)
+            dist.all_reduce(sums)  # every process's samples: the global batch
+            loss = float(sums[0]) / self.cfg.batch
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step + 1}: the {phase} loss is {loss}")
             record[f"{phase}_loss"] = loss
             record[f"{phase}_grad_norm"] = float(_full(norm))
-            for k, v in infos.items():
-                record[k] = v / (self.cfg.batch // self.procs.world)
-        phases = self.objective.phases_at(step)
-        record["loss"] = record[f"{'student' if 'student' in phases else phases[0]}_loss"]
+            record.update({k: float(v) / self.cfg.batch for k, v in zip(infos, sums[1:])})
+            # "loss" is the student's (the generator's in stage 2) where it trained this step, else the phase's
+            record["loss"] = record.get("student_loss", loss)
         return record
 
     def train(self) -> list[dict]:
@@ -367,7 +348,8 @@ class TrainRun:
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)
-            _write_atomic(self.out / "latest", folder.name)
+            with atomic_output(self.out / "latest") as pointer:
+                pointer.write_text(folder.name)
         dist.barrier()
         return folder
 
@@ -427,13 +409,17 @@ def read_run(run_dir: str | Path) -> tuple[TrainConfig, dict]:
     return from_json(record["config"]), record
 
 
-def resolve_init(init: str | None, device: torch.device) -> str | None:
-    """A training run folder as --init: its trained network, exported next to it (``init.safetensors``) once."""
+def resolve_init(init: str | None) -> str | None:
+    """A training run folder as --init: its trained network at its latest checkpoint, exported once into the run
+    folder (``export/step-N.safetensors``: a run that trained further exports again)."""
     if init is None or not (Path(init) / "run.json").exists():
         return init
     from .export import export_run
 
-    target = Path(init) / "export" / "trained.safetensors"
+    folder = latest_checkpoint(Path(init))
+    if folder is None:
+        raise ConfigError(f"{init}: the run has no checkpoint yet to start from")
+    target = Path(init) / "export" / f"{folder.name}.safetensors"
     if not target.exists() and (not dist.is_initialized() or dist.get_rank() == 0):
         export_run(init, target)
     if dist.is_initialized():
@@ -445,13 +431,8 @@ def _truncate_log(path: Path, steps: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= steps]
-    _write_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def _full(x) -> torch.Tensor:

@@ -54,7 +54,7 @@ from .batch import SampleRandom, TrainBatch
 from .config import PRESETS, train_config
 from .data import TrainData
 from .networks import build_network
-from .reward import SyncReward
+from .reward import SyncReward, load_reward
 from .stage1 import shifted
 
 _STAGE2 = train_config("stage2", "14b")
@@ -152,10 +152,13 @@ def euler_trajectory(velocity: Velocity, noise: torch.Tensor, grid: torch.Tensor
 
 
 class GuidedVelocity:
-    """The teacher's flow on one batch: v_u + s (v_c - v_u); with s = 1 only the conditional branch runs."""
+    """The teacher's flow on one batch: v_u + s (v_c - v_u); with s = 1 only the conditional branch runs.
+    ``guidance``: s, or a function of t giving it (stage 2's sync window: 4.5 inside, 1.0 outside)."""
 
-    def __init__(self, model: nn.Module, batch: TrainBatch, attention: FullSequenceAttention, guidance: float):
-        self.model, self.batch, self.attention, self.guidance = model, batch, attention, guidance
+    def __init__(self, model: nn.Module, batch: TrainBatch, attention: FullSequenceAttention,
+                 guidance: float | Callable[[float], float]):
+        self.model, self.batch, self.attention = model, batch, attention
+        self.guidance = guidance if callable(guidance) else (lambda t: guidance)
         self.conditional, self.unconditional = batch.clip(True), batch.clip(False)
 
     def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -163,10 +166,11 @@ class GuidedVelocity:
         tt = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
         inputs = self.batch.inputs(x)  # [B, 65, L, h, w]
         v_c = self.model(inputs, tt, self.conditional, self.attention).double()
-        if self.guidance == 1.0:
+        s = float(self.guidance(t))
+        if s == 1.0:
             return v_c
         v_u = self.model(inputs, tt, self.unconditional, self.attention).double()
-        return v_u + self.guidance * (v_c - v_u)
+        return v_u + s * (v_c - v_u)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,48 +188,28 @@ class FrameScores:
     def __init__(self, reward: SyncReward, latents: torch.Tensor, wav: torch.Tensor) -> None:
         """latents [1, 16, L, h, w] the clip's clean latents; wav [1, S] its 16 kHz speech."""
         self.reward, self.wav = reward, wav
-        self.reference = to_uint8(reward.frames(latents)[0])  # [4L - 3, H, W, 3]
-        self.reference_sync_c = float(reward(latents, wav)[0])
+        frames = reward.frames(latents)
+        self.reference = to_uint8(frames[0])  # [4L - 3, H, W, 3]
+        self.reference_sync_c = float(reward.confidence(frames, wav)[0])
 
     def __call__(self, x0: torch.Tensor) -> dict[str, float]:
-        """x0 [1, 16, L, h, w] -> {"psnr", "ssim", "sync_c"}."""
-        x0 = x0.float()
-        pred = to_uint8(self.reward.frames(x0)[0])
+        """x0 [1, 16, L, h, w] -> {"psnr", "ssim", "sync_c"} (one decode for the three)."""
+        frames = self.reward.frames(x0.float())
+        pred = to_uint8(frames[0])
         return {"psnr": psnr(pred, self.reference),
                 "ssim": float(ssim_per_frame(pred, self.reference, device=self.reward.device).mean()),
-                "sync_c": float(self.reward(x0, self.wav)[0])}
+                "sync_c": float(self.reward.confidence(frames, self.wav)[0])}
 
 
 def load_networks(settings: TrajectorySettings, device: torch.device) -> tuple[nn.Module, SyncReward]:
     """(frozen teacher in the recipe's compute dtype, SyncReward with TAEHV and SyncNet) on ``device``."""
-    from ..engine.codecs.taehv import load_taehv
-    from ..engine.quality.syncnet import load_syncnet, random_syncnet
     from .trainer import resolve_init
 
     dtype = torch.float32 if train_config("stage2", settings.preset).compute_dtype == "fp32" else torch.bfloat16
-    teacher = build_network(settings.preset, resolve_init(settings.teacher, device), seed=settings.seed,
+    teacher = build_network(settings.preset, resolve_init(settings.teacher), seed=settings.seed,
                             device=device, dtype=dtype)
     teacher.requires_grad_(False).eval()
-    if settings.taehv:
-        taehv = load_taehv(settings.taehv, device=device)
-    else:  # tiny preset (checked by TrajectorySettings)
-        from ..engine.tools.tiny import tiny_networks
-
-        taehv = tiny_networks(device, seed=settings.seed)[2]
-    syncnet = load_syncnet(settings.syncnet, device) if settings.syncnet else random_syncnet(settings.seed, device)
-    taehv.requires_grad_(False)
-    syncnet.requires_grad_(False)
-    return teacher, SyncReward(taehv, syncnet, device=device)
-
-
-def _check_data(data: TrainData, settings: TrajectorySettings, teacher: nn.Module) -> None:
-    s, m = data.settings, teacher.cfg
-    for key, want in (("audio_dim", m.audio_dim), ("text_dim", m.text_dim), ("text_len", m.text_len)):
-        if s.get(key) != want:
-            raise ConfigError(f"{settings.data}: prepared with {key} {s.get(key)}, the {settings.preset} teacher "
-                              f"needs {want} (prepare the data with the matching preset)")
-    if settings.clips > len(data):
-        raise ConfigError(f"--clips {settings.clips}: {settings.data} holds {len(data)} clip(s)")
+    return teacher, load_reward(settings.preset, settings.taehv, settings.syncnet, device, seed=settings.seed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,7 +242,9 @@ def analyze_trajectory(settings: TrajectorySettings, *, progress: bool = False) 
     device = torch.device(settings.device)
     data = TrainData(settings.data)
     teacher, reward = load_networks(settings, device)
-    _check_data(data, settings, teacher)
+    data.check_model(teacher.cfg, settings.preset)
+    if settings.clips > len(data):
+        raise ConfigError(f"--clips {settings.clips}: {settings.data} holds {len(data)} clip(s)")
     grid, steps = flow_grid(settings.steps), scored_steps(settings.steps, settings.every)
     stream = StreamConfig(latent_h=data.settings["latent_h"], latent_w=data.settings["latent_w"])
     runs = {"without_cfg": 1.0, "with_cfg": settings.guidance}

@@ -121,7 +121,6 @@ class FullSequenceAttention:
         self.tokens = rows * cols
         self.num_frames = num_frames
         self.stream = stream
-        self.block_causal = block_causal
         self.attention_backend = attention_backend
         self.angles = rope_angles(torch.arange(num_frames, device=device), rows, cols, model.rope_pairs_thw,
                                   model.rope_theta)
