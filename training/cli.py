@@ -53,6 +53,8 @@ def _stage_arguments(s: argparse.ArgumentParser, stage: str) -> None:
         s.add_argument("--taehv", default=None, help="taew2_1.pth, decodes the rollout for the reward")
         s.add_argument("--syncnet", default=None, help="syncnet_v2.model, the reward's SyncNet")
         s.add_argument("--no-reward", action="store_true", help="no SyncNet reward (generator weight 1)")
+    else:  # stage 2's networks and reward do not apply
+        s.set_defaults(teacher=None, critic=None, taehv=None, syncnet=None, no_reward=False)
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     s.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to OUT/tensorboard")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,7 +68,7 @@ def config_from_args(args: argparse.Namespace):
         cfg = load_config_file(args.config, cfg)
     changes = {k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("micro_batch", args.micro_batch),
                                  ("seed", args.seed)) if v is not None}
-    if getattr(args, "no_reward", False):
+    if args.no_reward:
         changes["reward"] = False
     return cfg.replace(**changes) if changes else cfg
 
@@ -75,8 +77,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .trainer import Inits, TrainRun
 
     cfg = config_from_args(args)
-    inits = Inits(init=args.init, teacher=getattr(args, "teacher", None), critic=getattr(args, "critic", None),
-                  taehv=getattr(args, "taehv", None), syncnet=getattr(args, "syncnet", None))
+    inits = Inits(init=args.init, teacher=args.teacher, critic=args.critic, taehv=args.taehv, syncnet=args.syncnet)
     run = TrainRun(cfg, args.data, args.out, inits=inits, device=args.device, tensorboard=args.tensorboard,
                    progress=not args.no_progress)
     try:

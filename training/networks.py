@@ -85,7 +85,7 @@ def released_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> d
     (W + (alpha / r) B A), adapter tensors dropped. The model is left unchanged."""
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {}):
+        if ADAPTER in getattr(module, "lora_A", {}):
             a = module.lora_A[ADAPTER].weight.float()  # [r, in]
             b = module.lora_B[ADAPTER].weight.float()  # [out, r]
             base = module.base_layer

@@ -106,7 +106,8 @@ class SelfForcingDMD:
         frames, c = self.frames(batch), self.stream.chunk_frames
         device = batch.latents.device
         model = self.student
-        cache = SinkWindowCache(model.cfg, self.stream, batch=batch.size, device=device, dtype=torch.float32)
+        kv_dtype = torch.bfloat16 if self.cfg.compute_dtype == "bf16" else torch.float32  # the K/V the calls make
+        cache = SinkWindowCache(model.cfg, self.stream, batch=batch.size, device=device, dtype=kv_dtype)
         rope = RopeTable(model.cfg, self.stream, device)
         clip = batch.clip()
         t_list = self.stream.t_list
