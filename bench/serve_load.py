@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..engine.app.server.client import ClientOptions, ServerRefused, stream_session
-from ..engine.app.server.protocol import to_pcm16
+from ..engine.app.server.protocol import SAMPLES_PER_FRAME, to_pcm16
 from ..engine.app.session import DEFAULT_LOOKAHEAD_S
 from ..engine.errors import LipforcingError
 from ..engine.media.length import clip_length_from_samples
@@ -95,7 +95,7 @@ async def _run(config: LoadConfig, speech: np.ndarray) -> list[dict]:
             r = await stream_session(options, speech)
         except (ServerRefused, LipforcingError) as exc:
             return {"session": i, "ok": False, "error": str(exc)}
-        audio_ok = r.audio is not None and r.audio.size == r.frames * 640
+        audio_ok = r.audio is not None and r.audio.size == r.frames * SAMPLES_PER_FRAME
         return {
             "session": i, "ok": r.frames == expected and audio_ok, "frames": r.frames, "expected_frames": expected,
             "audio_matches_frames": audio_ok, "fps": round(r.fps, 2), "first_frame_s": round(r.first_frame_s, 3),

@@ -32,3 +32,7 @@ class WeightsError(LipforcingError):
 
 class ConfigError(LipforcingError):
     """An option or a combination of options is invalid."""
+
+
+class EngineBusy(ConfigError):
+    """Every session slot of an engine is taken (a server answers ``busy``)."""

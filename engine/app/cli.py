@@ -423,8 +423,9 @@ def _client(args: argparse.Namespace) -> int:
     ))
     print(f"wrote {args.output}: {result.summary()}")
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(result.to_json(), f, indent=2)
+        from ..media.io import write_json
+
+        write_json(args.report, result.to_json())
     return 0
 
 

@@ -32,7 +32,7 @@ from ..codecs.wan_vae import WanVAE
 from ..dit.checkpoint import load_text_embeds
 from ..dit.config import ModelConfig, StreamConfig
 from ..dit.model import CausalWanStudent
-from ..errors import ConfigError, WeightsError
+from ..errors import ConfigError, EngineBusy, WeightsError
 from ..media.face import FACE_SIZE, FaceAligner
 from ..media.mask import latent_mask_channel, load_mask, mouth_mask01, pixel_mask, soft_mask
 from ..numerics import parse_dtype
@@ -302,13 +302,13 @@ class Engine:
         return all(p.in_use for p in self.parts) and len(self.parts) >= self.config.max_sessions
 
     def acquire_parts(self) -> SessionParts:
-        """A free set of session parts (ConfigError when ``max_sessions`` sessions run already)."""
+        """A free set of session parts (EngineBusy when ``max_sessions`` sessions run already)."""
         with self._lock:
             free = next((p for p in self.parts if not p.in_use), None)
             if free is None:
                 if len(self.parts) >= self.config.max_sessions:
-                    raise ConfigError(f"this engine already runs {self.config.max_sessions} session(s); close one "
-                                      "first (or build the engine with a larger max_sessions)")
+                    raise EngineBusy(f"this engine already runs {self.config.max_sessions} session(s); close one "
+                                     "first (or build the engine with a larger max_sessions)")
                 free = self._make_parts()
                 self.parts.append(free)
             free.in_use = True

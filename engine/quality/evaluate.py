@@ -37,7 +37,6 @@ log = logging.getLogger("lipforcing")
 
 SCHEMA = "lipforcing-eval/1"
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
-METRICS = ("ssim", "psnr", "ssim_mouth", "psnr_mouth", "lmd", "sync", "fid", "fvd", "csim")
 WEIGHTED = {"sync": syncnet.WEIGHTS_FILE, "fid": features.INCEPTION.file, "fvd": features.I3D.file,
             "csim": features.ARCFACE.file}
 SOURCES = {"sync": (syncnet.WEIGHTS_URL, "SyncNet v2 (syncnet_python's download_model.sh)"),

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, MediaError
+from ..media.audio_features import SAMPLES_PER_FRAME
 
 VSHIFT = 15
 WINDOW = 5
 MFCC_PER_FRAME = 4
-SAMPLES_PER_FRAME = 640
 CROP_SCALE = 0.40
 CROP_SIZE = 224
 PAD_VALUE = 110

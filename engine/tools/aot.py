@@ -22,7 +22,6 @@ modules, the reference attention).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from ..dit.attention import RopeTable, sdpa
 from ..dit.cache import ChunkPlan, cache_capacity, plan_chunk
 from ..dit.config import StreamConfig
 from ..dit.model import CausalWanStudent
+from ..media.io import write_json
 
 log = logging.getLogger("lipforcing")
 AOT_FORMAT = "lipforcing-aot/1"
@@ -150,5 +150,5 @@ def export_aot(model: CausalWanStudent, stream: StreamConfig, out: str | Path, *
         "cache_capacity": cache_capacity(stream), "t_list": list(stream.t_list), "commit_t": stream.commit_t,
         "text_package": "text.pt2", "shapes": shapes,
     }
-    (out / "aot.json").write_text(json.dumps(description, indent=2))
+    write_json(out / "aot.json", description)  # complete or absent: lf_student reads it
     return description

@@ -228,6 +228,7 @@ def test_syncnet_preprocessing_on_a_shared_clip(clip, mouth_boxes):
     assert ceps.shape == (1 + math.ceil((speech.size - 400) / 160), 13)  # 100 per second
     # int16 scaling moves only the energy coefficient (by 2 ln 32767); a float waveform is the classic mistake
     assert np.array_equal(syncnet.int16_scale(speech), np.round(np.clip(speech, -1, 1) * 32767))
+    assert syncnet.int16_scale(np.array([-2.0, -1.0, 0.0, 0.5, 1.0])).tolist() == [-32767, -32767, 0, 16384, 32767]
     scaled, float_ceps = syncnet.mfcc(speech.astype(np.float64) * 32767), syncnet.mfcc(speech)
     assert np.allclose(scaled[:, 1:], float_ceps[:, 1:], atol=1e-6)
     assert np.allclose(scaled[:, 0] - float_ceps[:, 0], 2 * math.log(32767), atol=1e-6)
@@ -271,6 +272,8 @@ def test_ssim_and_psnr_basics():
     assert np.allclose(image.ssim_per_frame(a, a), 1.0) and image.psnr(a, a) == math.inf
     b = np.clip(a.astype(int) + 10, 0, 255).astype(np.uint8)
     assert image.psnr(a, b) == pytest.approx(10 * math.log10(255**2 / image.mse(a, b)))
+    low = np.full((1, 8, 8, 3), 100, np.uint8)  # a known error: every value off by 10 -> MSE 100, PSNR 28.13 dB
+    assert image.psnr(low, low + 10) == pytest.approx(10 * math.log10(255**2 / 100), abs=1e-9)
     assert (image.ssim_per_frame(a, 255 - a) < 0.2).all()
 
 

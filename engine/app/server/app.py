@@ -33,7 +33,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 
-from ...errors import LipforcingError
+from ...errors import EngineBusy, LipforcingError
 from ..engine import Engine, RunConfig, Weights, build_engine
 from ..session import DEFAULT_LOOKAHEAD_S
 from . import protocol
@@ -151,7 +151,7 @@ class Connection:
 
     async def shut(self, reason: str) -> None:
         """Tell the client the session ends, stop it and close the connection."""
-        await self.send_text(json.dumps({"type": "closing", "reason": reason}))
+        await self.send_text(protocol.closing(reason))
         self._stop_live()
         if not self.closed:
             self.closed = True
@@ -266,7 +266,6 @@ class Connection:
 
         up, self.upload = self.upload, None
         up["file"].close()
-        self.upload_path = up["path"]
         try:
             if up["kind"] == "avatar":
                 avatar = await asyncio.to_thread(Avatar.load, up["path"])
@@ -286,14 +285,13 @@ class Connection:
         try:
             self.live = await asyncio.to_thread(LiveSession, self.state.engine, avatar, loop=loop,
                                                 jpeg_quality=opts.jpeg_quality, **self.params)
-        except LipforcingError as exc:
-            code = "busy" if "already runs" in str(exc) else "bad_avatar"
-            await self._refuse(code, str(exc))
+        except EngineBusy as exc:
+            await self._refuse("busy", str(exc))
             return False
-        await self.send_text(json.dumps({
-            "type": "ready", "session": self.id, "width": self.live.width, "height": self.live.height, "fps": 25,
-            "sample_rate": protocol.OUTPUT_RATE, "protocol": protocol.PROTOCOL_VERSION, "replica": os.getpid(),
-        }))
+        except LipforcingError as exc:
+            await self._refuse("bad_avatar", str(exc))
+            return False
+        await self.send_text(protocol.ready(self.id, self.live.width, self.live.height))
         return True
 
     async def _refuse(self, code: str, message: str) -> None:

@@ -242,10 +242,10 @@ class _Client:
             elif decoded.kind == protocol.FRAME:
                 if decoded.index != self.frames:
                     raise LipforcingError(f"frame {decoded.index} arrived where frame {self.frames} was expected")
+                self.arrivals.append(time.monotonic())  # before decoding and encoding it: latency is the server's
                 if self.writer is not None:
                     self.writer.write(_decode_jpeg(decoded.payload))
                 self.frames += 1
-                self.arrivals.append(time.monotonic())
 
     def _speech_sent_by(self, samples: int) -> float | None:
         """When the client had sent ``samples`` samples of speech (None: it never did; the end covers it)."""

@@ -34,16 +34,20 @@ All integers are little-endian. Frames come in order; a frame's audio may arrive
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 
+from ...media.audio_features import SAMPLES_PER_FRAME  # noqa: F401  (the speech per frame; clients use it)
+from ...media.length import AUDIO_RATE, OUTPUT_FPS
+
 PROTOCOL_VERSION = 1
 AUDIO_IN, UPLOAD = 0x01, 0x02
 FRAME, AUDIO_OUT = 0x10, 0x11
-OUTPUT_RATE = 16000
-SAMPLES_PER_FRAME = 640
+OUTPUT_RATE = AUDIO_RATE
+"""Sample rate of the speech the server sends back (and of the ``ready`` message's sample_rate)."""
 MAX_MESSAGE = 64 << 20
 """The transport's cap on one message, either way (the server's own limit for clients is lower)."""
 FATAL = {"auth", "busy", "bad_avatar", "bad_upload", "internal"}
@@ -126,6 +130,17 @@ def decode_text(text: str) -> dict:
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError('a text message must be a JSON object with a "type"')
     return message
+
+
+def ready(session: str, width: int, height: int) -> str:
+    """The ``ready`` message of a session that starts (both transports)."""
+    return json.dumps({"type": "ready", "session": session, "width": width, "height": height, "fps": OUTPUT_FPS,
+                       "sample_rate": OUTPUT_RATE, "protocol": PROTOCOL_VERSION, "replica": os.getpid()})
+
+
+def closing(reason: str) -> str:
+    """The ``closing`` message: the server ends the session (shutdown)."""
+    return json.dumps({"type": "closing", "reason": reason})
 
 
 def error(code: str, message: str) -> str:

@@ -22,19 +22,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import uuid
 from fractions import Fraction
 
 import numpy as np
 
-from ...errors import LipforcingError
+from ...errors import EngineBusy, LipforcingError
 from . import protocol
 from .live import LiveSession
 
 log = logging.getLogger("lipforcing")
 VIDEO_CLOCK = 90000
-AUDIO_RATE = 16000
 AUDIO_FRAME = 320  # 20 ms at 16 kHz
 WEBRTC_RATE = 48000  # what aiortc's Opus decoder gives
 
@@ -80,17 +78,19 @@ async def answer_offer(state, body: dict):
     try:
         live = await asyncio.to_thread(LiveSession, state.engine, avatar, loop=loop, sample_rate=WEBRTC_RATE,
                                        lookahead=lookahead, jpeg_quality=None)
-    except LipforcingError as exc:
+    except EngineBusy as exc:
         return JSONResponse({"error": str(exc)}, status_code=503)
+    except LipforcingError as exc:  # the avatar cannot be used
+        return JSONResponse({"error": str(exc)}, status_code=400)
     pc = RTCPeerConnection()
     video, audio = _tracks()
     session_id = uuid.uuid4().hex[:12]
     channels: list = []  # the peer's "lipforcing" data channel, when it opened one
 
-    def tell(message: dict) -> None:
+    def tell(message: str) -> None:  # a protocol message, encoded
         for channel in channels:
             if channel.readyState == "open":
-                channel.send(json.dumps(message))
+                channel.send(message)
 
     async def consume(track) -> None:
         """The peer's speech: decoded frames (48 kHz) -> mono int16 -> the session."""
@@ -112,10 +112,10 @@ async def answer_offer(state, body: dict):
         """The session's output -> the two outgoing tracks."""
         async for item in live.outputs():
             if item[0] == "done":
-                tell({"type": "done", "frames": item[1]})
+                tell(json.dumps({"type": "done", "frames": item[1]}))
             elif item[0] == "error":
                 log.warning("lipforcing serve: WebRTC session %s failed: %r", session_id, item[1])
-                tell({"type": "error", "code": "internal", "message": f"the session failed: {item[1]}"})
+                tell(protocol.error("internal", f"the session failed: {item[1]}"))
             if item[0] != "frames":
                 break
             _, frames, (first, speech) = item
@@ -126,8 +126,8 @@ async def answer_offer(state, body: dict):
             for start in range(0, speech.size, AUDIO_FRAME):
                 piece = speech[start : start + AUDIO_FRAME]
                 out = av.AudioFrame.from_ndarray(piece[None].astype(np.int16), format="s16", layout="mono")
-                out.sample_rate, out.pts = AUDIO_RATE, first * 640 + start
-                out.time_base = Fraction(1, AUDIO_RATE)
+                out.sample_rate, out.pts = protocol.OUTPUT_RATE, first * protocol.SAMPLES_PER_FRAME + start
+                out.time_base = Fraction(1, protocol.OUTPUT_RATE)
                 await audio.queue.put(out)
         await video.queue.put(None)
         await audio.queue.put(None)
@@ -149,13 +149,10 @@ async def answer_offer(state, body: dict):
             elif kind == "close":
                 live.close()
             else:
-                tell({"type": "error", "code": "malformed", "message": 'the data channel takes {"type": "end"} '
-                                                                         'and {"type": "close"}'})
+                tell(protocol.error("malformed", 'the data channel takes {"type": "end"} and {"type": "close"}'))
 
         def ready() -> None:
-            channel.send(json.dumps({"type": "ready", "session": session_id, "width": live.width,
-                                     "height": live.height, "fps": 25, "sample_rate": AUDIO_RATE,
-                                     "protocol": protocol.PROTOCOL_VERSION, "replica": os.getpid()}))
+            channel.send(protocol.ready(session_id, live.width, live.height))
 
         if channel.readyState == "open":
             ready()
@@ -174,7 +171,7 @@ async def answer_offer(state, body: dict):
             state.peers.pop(pc, None)
             await pc.close()
 
-    state.peers[pc] = lambda reason: tell({"type": "closing", "reason": reason})
+    state.peers[pc] = lambda reason: tell(protocol.closing(reason))
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="offer"))
         pc.addTrack(video)  # after the offer: the tracks take the transceivers it announced
