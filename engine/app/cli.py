@@ -52,7 +52,7 @@ def _check_reference_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_reference(args: argparse.Namespace) -> int:
-    from ..tools.golden import PASS_BOUND, check_golden
+    from ..tools.golden import PASS_BOUND, attention_kind, check_golden, is_training
 
     worst = 0.0
     header = ("file", "first_call_flow", "x0_step0", "(worst chunk)", "x0", "(worst chunk)")
@@ -62,14 +62,14 @@ def _check_reference(args: argparse.Namespace) -> int:
         r = check_golden(path, device=args.device, backend=args.backend)
         e = r.errors
         verdict = "ok" if r.ok else "FAIL"
-        if "first_call_flow" in e:  # a streaming file: the sampler's outputs, whole clip and worst chunk
+        if not is_training(r.config):  # a streaming file: the sampler's outputs, whole clip and worst chunk
             if printed != "streaming":
                 print(streaming_header)
                 printed = "streaming"
             print(f"{r.path.name:<28} {e['first_call_flow']:>16.2e} {e['x0_step0']:>10.2e} "
                   f"{e['x0_step0/worst_chunk']:>13.2e} {e['x0']:>10.2e} {e['x0/worst_chunk']:>13.2e}  {verdict}")
         else:  # a training file (full-sequence forwards): every output it records
-            kind = r.config.extra.get("attention", "")
+            kind = attention_kind(r.config)
             print(f"{r.path.name:<28} ({kind}) " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()) + f"  {verdict}")
             printed = "training"
         worst = max(worst, *e.values())
@@ -102,17 +102,11 @@ def _export_aot(args: argparse.Namespace) -> int:
     from ..tools.aot import export_aot
 
     if args.golden:
-        from ..dit.checkpoint import load_into
-        from ..dit.model import CausalWanStudent
-        from ..tools.golden import load_golden
+        from ..tools.golden import golden_student, is_training
 
-        cfg, tensors = load_golden(args.golden)
-        if "noise" not in {k.removeprefix("inputs/") for k in tensors}:
+        cfg, student, _ = golden_student(args.golden, device=args.device)
+        if is_training(cfg):
             raise ConfigError(f"{args.golden}: a training file; export-aot takes streaming golden files")
-        with torch.device("meta"):
-            student = CausalWanStudent(cfg.model)
-        weights = {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
-        load_into(student, weights, device=args.device, dtype=torch.float32, source=args.golden)
         stream = cfg.stream
     elif args.model == "tiny":
         from ..dit.build import random_student

@@ -99,23 +99,39 @@ def load_golden(path: str | Path) -> tuple[GoldenConfig, dict[str, torch.Tensor]
     return GoldenConfig.from_json(config), tensors
 
 
+def is_training(cfg: GoldenConfig) -> bool:
+    """A training file (full-sequence forwards), not a streaming one."""
+    return cfg.extra.get("format") == TRAIN_FORMAT
+
+
+def attention_kind(cfg: GoldenConfig) -> str:
+    """A training file's attention: ``bidirectional`` or ``block_causal`` (the files name it either key)."""
+    return cfg.extra.get("attention") or cfg.extra.get("kind") or ""
+
+
+def golden_student(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                   ) -> tuple[GoldenConfig, CausalWanStudent, dict[str, torch.Tensor]]:
+    """(config, the student with the file's weights in ``dtype`` on ``device`` (eval), every tensor of the file)."""
+    cfg, tensors = load_golden(path)
+    weights = {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
+    with torch.device("meta"):
+        model = CausalWanStudent(cfg.model)
+    load_into(model, weights, device=device, dtype=dtype, source=str(path))
+    return cfg, model.eval(), tensors
+
+
 def check_golden(
     path: str | Path, *, device: str = "cpu", backend: str | None = "reference", dtype: torch.dtype = torch.float32
 ) -> GoldenReport:
     """Run the engine on a golden file's inputs (the streaming sampler, or the full-sequence path for a training
     file) and compare with its outputs."""
-    cfg, tensors = load_golden(path)
-    weights = {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise LipforcingError("--device cuda was asked for but CUDA is not available")
+    cfg, model, tensors = golden_student(path, device=device, dtype=dtype)
     inp = {k.removeprefix("inputs/"): v for k, v in tensors.items() if k.startswith("inputs/")}
     ref = {k.removeprefix("outputs/"): v for k, v in tensors.items() if k.startswith("outputs/")}
 
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise LipforcingError("--device cuda was asked for but CUDA is not available")
-    with torch.device("meta"):
-        model = CausalWanStudent(cfg.model)
-    load_into(model, weights, device=device, dtype=dtype, source=str(path))
-    model.eval()
-    if cfg.extra.get("format") == TRAIN_FORMAT:
+    if is_training(cfg):
         return _check_training(path, cfg, model, inp, ref, device)
 
     batch = inp["noise"].shape[0]
@@ -142,7 +158,7 @@ def _check_training(path, cfg: GoldenConfig, model: CausalWanStudent, inp: dict,
     from ..dit.model import input_channels
 
     extra, stream = cfg.extra, cfg.stream
-    kind = extra.get("attention") or extra.get("kind")
+    kind = attention_kind(cfg)
     frames = cfg.num_latent_frames
     dev = torch.device(device)
     x_t = inp["x_t"].to(dev)
