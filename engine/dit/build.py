@@ -28,10 +28,13 @@ def random_student(
     seed: int = 0,
     std: float = 0.02,
 ) -> CausalWanStudent:
-    """A student with seeded random weights, materialized directly in ``dtype`` on ``device``; eval mode."""
+    """A student with seeded random weights, materialized directly in ``dtype`` on ``device``; eval mode.
+
+    The meta model is cast first (free: meta tensors hold no data), so ``to_empty`` allocates each parameter
+    once, in ``dtype``: the peak is the weights in ``dtype``, with no fp32 copy of them at any time."""
     with torch.device("meta"):
-        model = CausalWanStudent(cfg)
-    model = model.to_empty(device=device).to(dtype)
+        model = CausalWanStudent(cfg).to(dtype)
+    model = model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
         p.normal_(0.0, std, generator=generator)

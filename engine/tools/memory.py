@@ -44,13 +44,15 @@ class LiveBytes(TorchDispatchMode):
     """Tracks the bytes of every storage an operation creates inside the block, until it is freed.
 
     A storage counts once however many views share it; outputs that alias an input (views, in-place ops)
-    add nothing. Tensors made before the block (weights, inputs) are not counted."""
+    add nothing. Tensors made before the block (weights, inputs) are not counted. ``device``: count only
+    the storages on that device type (``"cpu"`` while the code also makes meta tensors); None counts all."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | None = None) -> None:
         super().__init__()
+        self.device = device
         self.live = 0
         self.peak = 0
-        self._storages: dict[int, list[int]] = {}  # storage id -> [bytes, tensors alive]
+        self._storages: dict[int, int] = {}  # storage id -> bytes, while the storage lives
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
@@ -61,25 +63,21 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
-        key = t.untyped_storage()._cdata
-        entry = self._storages.get(key)
-        if entry is None:
-            if key in inputs:
-                return  # a view of (or an in-place result on) memory made outside the block
-            entry = self._storages[key] = [t.untyped_storage().nbytes(), 0]
-            self.live += entry[0]
-            self.peak = max(self.peak, self.live)
-        entry[1] += 1
-        weakref.finalize(t, self._release, key)
+        if self.device is not None and t.device.type != self.device:
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._storages or key in inputs:
+            return  # already counted, or a view of (an in-place result on) memory made outside the block
+        self._storages[key] = storage.nbytes()
+        self.live += self._storages[key]
+        self.peak = max(self.peak, self.live)
+        # The storage, not the tensor: a tensor re-wrapped (``param.data = t``, ``Parameter(t)``) dies while
+        # its memory lives on.
+        weakref.finalize(storage, self._release, key)
 
     def _release(self, key: int) -> None:
-        entry = self._storages.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self._storages[key]
+        self.live -= self._storages.pop(key)
 
 
 def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
