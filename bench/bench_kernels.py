@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from lipforcing.kernels import triton_available
 
-    usable, reason = triton_available()
+    usable, reason = triton_available(torch.device("cuda"))
     if not usable:
         print(f"bench_kernels: Triton is not usable ({reason}). Nothing was timed.")
         write({"benchmark": "kernels", "cuda": True, "triton": False, "reason": reason}, args.out)

@@ -31,15 +31,17 @@ BACKENDS = ("reference", "triton")
 
 
 def resolve_backend(requested: str | None, device: torch.device | str) -> str:
-    """Pick the attention/kernel backend: explicit request > LIPFORCING_BACKEND > device default."""
+    """Pick the attention/kernel backend for a model on ``device``: explicit request > LIPFORCING_BACKEND >
+    device default. ``triton`` is checked against ``device`` (where the tensors are), not against the host:
+    a CPU model on a host with a GPU cannot run the kernels (outside the interpreter)."""
+    from ...kernels import triton_available
+
     name = requested or os.environ.get("LIPFORCING_BACKEND") or "auto"
     device = torch.device(device)
     if name == "auto":
         name = "reference"
         if device.type == "cuda":
-            from ...kernels import triton_available
-
-            ok, why = triton_available()
+            ok, why = triton_available(device)
             if ok:
                 name = "triton"
             else:
@@ -47,11 +49,9 @@ def resolve_backend(requested: str | None, device: torch.device | str) -> str:
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     if name == "triton" and device.type != "meta":  # the meta device only plans memory: no kernel runs
-        from ...kernels import triton_available
-
-        ok, why = triton_available()
+        ok, why = triton_available(device)
         if not ok:
-            raise ConfigError(f"backend 'triton' requested but unavailable: {why}")
+            raise ConfigError(f"backend 'triton' requested for a model on {device} but unavailable: {why}")
     return name
 
 

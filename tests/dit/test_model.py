@@ -199,9 +199,33 @@ def test_unknown_or_unavailable_backend_is_a_config_error(monkeypatch):
 
     with pytest.raises(ConfigError, match="unknown backend"):
         resolve_backend("fast", "cpu")
-    monkeypatch.setattr("lipforcing.kernels.triton_available", lambda: (False, "no triton here"))
+    monkeypatch.setattr("lipforcing.kernels.triton_available", lambda device: (False, "no triton here"))
     with pytest.raises(ConfigError, match="no triton here"):
         resolve_backend("triton", "cpu")
+
+
+def test_triton_is_checked_where_the_tensors_are_not_on_the_host(monkeypatch):
+    """A CPU model on a host with a GPU cannot use the kernels outside the interpreter; CUDA tensors can."""
+    import pytest
+
+    from lipforcing.engine.dit.attention import resolve_backend
+    from lipforcing.engine.errors import ConfigError
+    from lipforcing.kernels import triton_available
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a patched GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("LIPFORCING_BACKEND", raising=False)
+    ok, why = triton_available(torch.device("cpu"))
+    assert not ok and "TRITON_INTERPRET=1" in why
+    assert triton_available(torch.device("cuda"))[0]
+    with pytest.raises(ConfigError, match="model on cpu .*TRITON_INTERPRET=1"):
+        resolve_backend("triton", "cpu")
+    assert resolve_backend(None, "cpu") == "reference"
+    assert resolve_backend(None, "cuda") == resolve_backend("triton", "cuda") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs the kernels on CPU tensors
+    assert triton_available("cpu")[0] and resolve_backend("triton", "cpu") == "triton"
 
 
 def test_text_modules_are_exactly_the_weights_only_text_kv_uses():

@@ -137,10 +137,11 @@ def _triton_or_skip() -> str:
     pytest.importorskip("triton")
     from lipforcing.kernels import triton_available
 
-    ok, why = triton_available()
+    device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
+    ok, why = triton_available(device)
     if not ok:
         pytest.skip(why)
-    return "cuda" if __import__("torch").cuda.is_available() else "cpu"
+    return device
 
 
 def test_check_reference_with_triton_kernels(golden_files, capsys):
