@@ -19,12 +19,15 @@ Online softmax in fp32 (exp2 with the scale folded in), one pass over the cache 
 keys. On the GPU cos/sin use the hardware approximations after an explicit reduction to [-pi, pi]
 (absolute error ~1e-6, far below bf16 rounding); the interpreter uses numpy's.
 
-The autotuner benchmarks on the first call of each (Lq, Lc, D) and keeps the result in Triton's cache folder
-(the engine points TRITON_CACHE_DIR at its user cache): warm up before capturing a CUDA graph.
+The autotuner benchmarks on the first call of each (batch, heads, Lq, Lc, D, dtype) and keeps the result in
+Triton's cache folder (the engine points TRITON_CACHE_DIR at its user cache): warm up before capturing a CUDA
+graph. ``lipforcing kernels --static`` compiles every config for sm_90a on the CPU and reports registers,
+spills, shared memory and CTAs per SM (kernels/STATIC.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -160,7 +163,9 @@ def _attend_keys(
     return acc, m_i, l_i
 
 
-@triton.jit
+# ``batch`` is read by the autotuner's key only; not specializing it on its value keeps batch 1 and batch 2
+# one binary.
+@triton.jit(do_not_specialize=["batch"])
 def _sink_window_attention_fwd_kernel(
     q_ptr, k_live_ptr, v_live_ptr, k_cache_ptr, v_cache_ptr, o_ptr,
     q_pos_ptr, cache_pos_ptr,
@@ -170,7 +175,7 @@ def _sink_window_attention_fwd_kernel(
     stride_kcb, stride_kcl, stride_kch,
     stride_vcb, stride_vcl, stride_vch,
     stride_ob, stride_ol, stride_oh,
-    num_heads, LQ, LC, cols, tokens_per_frame,
+    batch, num_heads, LQ, LC, cols, tokens_per_frame,
     qk_scale, log2_theta,
     HEAD_DIM: tl.constexpr,
     PAIRS_T: tl.constexpr,
@@ -223,24 +228,36 @@ def _sink_window_attention_fwd_kernel(
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim. The in-register rotation of every K tile
 # costs registers that a plain flash-attention kernel does not need: these are the configs that compile
-# for sm_90 without spilling (ptxas -v, Triton 3.9); 128x64 / 4 warps for D=128 spills ~2-5 KB.
+# for sm_90a without spilling (ptxas -v, Triton 3.9; checked by ``lipforcing kernels --static`` and
+# tests/kernels/test_static_report.py); 128x64 / 4 warps for D=128 spills ~2-5 KB.
 _TILES = {
     128: [(128, 64, 8, 1), (128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
     64: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
     32: [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
 }
+# fp32 inputs take the FMA path of tl.dot (no tensor cores with input_precision="ieee"), whose operands and
+# accumulators need several times the registers: with the tiles above every D=128 config spilled (up to
+# 64 KB of spill stores at 128x64, ptxas dropping to 32 registers). These compile for sm_90a without
+# spilling; the D=128 ones stay below 255 registers (112-245), headroom for another ptxas release.
+_TILES_FP32 = {
+    128: [(64, 16, 8, 1), (64, 16, 8, 3), (32, 16, 8, 2), (32, 16, 4, 3), (16, 16, 4, 2)],
+    64: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 4, 2)],
+    32: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 3)],
+}
 
 
 def _gpu_configs() -> list[triton.Config]:
-    tiles = sorted({tile for per_dim in _TILES.values() for tile in per_dim})
+    tiles = sorted({tile for table in (_TILES, _TILES_FP32) for per_dim in table.values() for tile in per_dim})
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
         for bm, bn, warps, stages in tiles
     ]
 
 
-def _configs_for_head_dim(configs, named_args, **kwargs):
-    tiles = set(_TILES[kwargs["HEAD_DIM"]])
+def _configs_for_head_dim_and_dtype(configs, named_args, **kwargs):
+    """Early prune: the tiles of this head dim for 16-bit inputs, or the fp32 ones."""
+    table = _TILES_FP32 if named_args["q_ptr"].dtype == torch.float32 else _TILES
+    tiles = set(table[kwargs["HEAD_DIM"]])
     return [
         c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in tiles
     ]
@@ -254,8 +271,11 @@ def _persistent_autotune() -> dict:
 
 _sink_window_attention_fwd_tuned = triton.autotune(
     configs=_gpu_configs(),
-    key=["LQ", "LC", "HEAD_DIM", "DOT_PRECISION"],
-    prune_configs_by={"early_config_prune": _configs_for_head_dim},
+    # Everything that moves the best tile: the grid (batch x heads x Lq / BLOCK_M), the window (Lq, Lc), the
+    # head dim and the dtype. The dtype is not named because Triton adds it itself: Autotuner.run appends
+    # str(arg.dtype) of every tensor argument to the key (checked in Triton 3.9's runtime/autotuner.py).
+    key=["batch", "num_heads", "LQ", "LC", "HEAD_DIM", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _configs_for_head_dim_and_dtype},
     **_persistent_autotune(),
 )(_sink_window_attention_fwd_kernel)
 
@@ -342,7 +362,7 @@ def sink_window_attention(
         q, k_live, v_live, k_cache, v_cache, out, q_frame_pos, cache_frame_pos,
         *q.stride()[:3], *k_live.stride()[:3], *v_live.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
-        h, lq, k_cache.shape[1], cols, rows * cols,
+        b, h, lq, k_cache.shape[1], cols, rows * cols,
         scale * math.log2(math.e), math.log2(theta),
     )
     meta = {
@@ -356,7 +376,8 @@ def sink_window_attention(
         def grid(m):
             return (triton.cdiv(lq, m["BLOCK_M"]), b * h)
 
-        with torch.cuda.device(q.device):
+        # Meta tensors (the static report records this launch without a GPU) need no device guard.
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             _sink_window_attention_fwd_tuned[grid](*args, **meta, USE_LIBDEVICE=True)
     return out
 
