@@ -15,6 +15,7 @@ import sys
 
 from .bench import commands as _bench_commands  # noqa: F401  (registers ``lipforcing bench``)
 from .bench import distill as _bench_distill  # noqa: F401  (registers ``lipforcing bench-distill``)
+from .bench import kernels_command as _kernels_command  # noqa: F401  (registers ``lipforcing kernels``)
 from .engine.app.cli import COMMANDS, main
 from .training import cli as _training
 
