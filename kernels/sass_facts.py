@@ -48,7 +48,7 @@ class SmLimits:
     shared_per_sm: int
     """Shared memory an SM can give its CTAs, bytes (the reservation per CTA included)."""
     shared_per_cta: int
-    """The most dynamic + static shared memory one CTA may ask for, bytes."""
+    """The most shared memory one CTA may ask for besides the reserve, bytes (the opt-in maximum)."""
     reserved_shared_per_cta: int = 1024
     """Shared memory the CUDA runtime reserves per CTA (sm_80 and later)."""
     shared_unit: int = 128
@@ -211,6 +211,10 @@ def inspect_cubin(cubin: bytes, ptx: str, metadata, capability: int, *, compile_
     )
 
 
+def _ctas(n: int) -> str:
+    return f"{n} CTA" if n == 1 else f"{n} CTAs"
+
+
 def occupancy(facts: BinaryFacts, threads: int, limits: SmLimits) -> Occupancy:
     """CTAs of ``threads`` threads resident on one SM, from registers, shared memory, warps and CTA slots."""
     warps = -(-threads // 32)
@@ -218,25 +222,26 @@ def occupancy(facts: BinaryFacts, threads: int, limits: SmLimits) -> Occupancy:
     per_subpartition = limits.registers // limits.subpartitions
     warps_by_registers = limits.subpartitions * (per_subpartition // per_warp)
     by_registers = warps_by_registers // warps
-    cta_shared = facts.dynamic_shared + max(facts.static_shared, limits.reserved_shared_per_cta)
-    cta_shared = -(-cta_shared // limits.shared_unit) * limits.shared_unit
-    fits = facts.dynamic_shared + facts.static_shared <= limits.shared_per_cta
+    static = max(facts.static_shared, limits.reserved_shared_per_cta)   # the cubin's static part holds the reserve
+    cta_shared = -(-(facts.dynamic_shared + static) // limits.shared_unit) * limits.shared_unit
+    # the per-CTA limit is what a kernel may ask for on top of the reserve (Triton checks its dynamic part)
+    fits = facts.dynamic_shared + static - limits.reserved_shared_per_cta <= limits.shared_per_cta
     by_shared = limits.shared_per_sm // cta_shared if fits else 0
     by_warps = limits.max_warps // warps
     by_slots = limits.max_ctas
     bounds = {"registers": by_registers, "shared memory": by_shared, "warps": by_warps, "CTA slots": by_slots}
     ctas = min(bounds.values())
     limited_by = next(name for name, value in bounds.items() if value == ctas)
+    shared = (f"floor({limits.shared_per_sm} / {cta_shared}) = {_ctas(by_shared)}" if fits
+              else f"over the {limits.shared_per_cta} B one CTA may have: 0 CTAs")
     arithmetic = (
-        f"registers: {facts.registers}/thread x 32 -> {per_warp}/warp (units of {limits.register_unit}); "
-        f"{limits.subpartitions} x floor({per_subpartition} / {per_warp}) = {warps_by_registers} warps "
-        f"-> floor({warps_by_registers} / {warps}) = {by_registers} CTAs | "
-        f"shared: {facts.dynamic_shared} + {cta_shared - facts.dynamic_shared} (static / reserved, rounded to "
-        f"{limits.shared_unit} B) = {cta_shared} B -> "
-        + (f"floor({limits.shared_per_sm} / {cta_shared}) = {by_shared} CTAs | " if fits else
-           f"over the {limits.shared_per_cta} B a CTA may have: 0 CTAs | ")
-        + f"warps: floor({limits.max_warps} / {warps}) = {by_warps} CTAs | slots: {by_slots} CTAs "
-        f"=> {ctas} CTA(s)/SM = {ctas * warps} warps ({limited_by})"
+        f"registers: {facts.registers}/thread x 32 = {facts.registers * 32} -> {per_warp}/warp "
+        f"({limits.register_unit}-register units), {limits.subpartitions} sub-partitions x floor({per_subpartition} / "
+        f"{per_warp}) = {warps_by_registers} warps -> floor({warps_by_registers} / {warps}) = {_ctas(by_registers)} | "
+        f"shared: {facts.dynamic_shared} dynamic + {static} static (the runtime's "
+        f"{limits.reserved_shared_per_cta} B reserve) -> {cta_shared} B ({limits.shared_unit} B units), {shared} | "
+        f"warps: floor({limits.max_warps} / {warps}) = {_ctas(by_warps)} | CTA slots: {by_slots} "
+        f"=> {_ctas(ctas)}/SM = {ctas * warps} of {limits.max_warps} warps, bound by {limited_by}"
     )
     return Occupancy(ctas_per_sm=ctas, limited_by=limited_by, by_registers=by_registers, by_shared=by_shared,
                      by_warps=by_warps, by_slots=by_slots, warps_per_sm=ctas * warps, arithmetic=arithmetic)

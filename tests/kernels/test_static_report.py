@@ -79,7 +79,8 @@ def test_no_config_spills(rows, dtype):
 
 def test_shared_memory_fits_one_cta_and_every_kernel_is_resident(rows):
     for r in rows:
-        assert r.facts.dynamic_shared + r.facts.static_shared <= 227 * 1024, (r.kernel, r.config, r.dtype)
+        # 227 KB: the most a CTA may ask for on H100 (Triton compares its dynamic shared memory with it at launch)
+        assert r.facts.dynamic_shared <= 227 * 1024, (r.kernel, r.config, r.dtype)
         assert r.occupancy.ctas_per_sm >= 1, (r.kernel, r.config, r.dtype, r.occupancy.arithmetic)
 
 
@@ -122,6 +123,9 @@ def test_occupancy_arithmetic_on_hopper():
     # 32 registers and 4 warps: 16 CTAs by warps (64 / 4), 16 by registers
     small = occupancy(BinaryFacts(compiled=True, registers=32), 128, H100)
     assert (small.ctas_per_sm, small.by_warps, small.by_registers) == (16, 16, 16)
+    # 227 KB asked for + the 1 KB reserve fill the 228 KB of one SM exactly; 1 KB more cannot launch
+    edge = occupancy(BinaryFacts(compiled=True, registers=32, dynamic_shared=227 * 1024, static_shared=1024), 128, H100)
+    assert (edge.ctas_per_sm, edge.limited_by) == (1, "shared memory")
     too_big = occupancy(BinaryFacts(compiled=True, registers=32, dynamic_shared=228 * 1024), 128, H100)
     assert too_big.ctas_per_sm == 0 and too_big.limited_by == "shared memory"
 
