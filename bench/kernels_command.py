@@ -68,7 +68,7 @@ def _kernels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated (default: all)")
     p.add_argument("--height", type=int, default=512, help="frame height in pixels")
     p.add_argument("--width", type=int, default=512, help="frame width in pixels")
-    p.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count)")
+    p.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count, at most 8)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     p.set_defaults(run=_kernels)
 

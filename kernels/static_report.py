@@ -393,7 +393,7 @@ def static_report(
     """One row per (kernel, config, dtype, shape); each distinct binary compiled once.
 
     models: the shapes of each model. dtypes: name -> torch dtype, the compute dtypes to report.
-    workers: compile processes (default: the CPU count). cache_dir: TRITON_CACHE_DIR for the workers
+    workers: compile processes (default: the CPU count, at most 8). cache_dir: TRITON_CACHE_DIR for the workers
     (default: the caller's environment). progress: a tqdm bar over the binaries on stderr.
     Raises ImportError without Triton, ToolchainMissing without its CUDA tools, ValueError for an unknown
     arch or kernel. A config that fails to compile is a row with ``facts.compiled`` False, not an error.
@@ -407,7 +407,8 @@ def static_report(
     except ImportError as err:
         raise ImportError(f"triton is not installed ({err}); pip install 'lipforcing[gpu]'") from None
     context = get_context("spawn")  # a fresh interpreter: no CUDA state, no interpreter-mode Triton
-    count = max(1, workers or os.cpu_count() or 1)
+    # each worker imports torch and Triton (~0.5 GB); a few dozen binaries do not need more than 8
+    count = max(1, workers or min(os.cpu_count() or 1, 8))
     facts: dict[_CompileJob, BinaryFacts] = {}
     with ProcessPoolExecutor(count, mp_context=context, initializer=_worker_setup, initargs=(cache_dir,)) as pool:
         planned = pool.submit(_plan, list(models), dict(dtypes), list(kernels), capability).result()
