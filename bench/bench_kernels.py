@@ -103,7 +103,7 @@ def sdpa_with(backend):
     return run
 
 
-def bench_attention(model: str, window: int, rep_ms: int, device: str = "cuda") -> dict:
+def bench_attention(model: str, window: int, rep_ms: int, device: str = "cuda", compiled: bool = True) -> dict:
     from lipforcing.kernels.sink_window_attention import sink_window_attention
 
     heads = MODELS[model]["heads"]
@@ -173,7 +173,8 @@ def bench_attention(model: str, window: int, rep_ms: int, device: str = "cuda") 
         compiled = torch.compile(flex_attention, dynamic=False)
         return lambda: compiled(q_rot, k_rot, v_all)
 
-    record("flex_attention", flex)
+    if compiled:
+        record("flex_attention", flex)
 
     def flash_attn():
         from flash_attn import flash_attn_func
@@ -254,7 +255,7 @@ def bind(fn: Callable, args: tuple) -> Callable[[], object]:
     return lambda: fn(*args)
 
 
-def bench_elementwise(model: str, tokens: int, rep_ms: int, device: str = "cuda") -> list[dict]:
+def bench_elementwise(model: str, tokens: int, rep_ms: int, device: str = "cuda", compiled: bool = True) -> list[dict]:
     dim = MODELS[model]["dim"]
     entries = []
     for case in elementwise_cases(dim, tokens, device):
@@ -262,8 +263,10 @@ def bench_elementwise(model: str, tokens: int, rep_ms: int, device: str = "cuda"
         makers = {
             "triton_fused": lambda case=case: case["fused"],
             "torch_eager": lambda case=case: bind(case["unfused"], case["args"]),
-            "torch_compile": lambda case=case: bind(torch.compile(case["unfused"], dynamic=False), case["args"]),
         }
+        if compiled:
+            makers["torch_compile"] = lambda case=case: bind(torch.compile(case["unfused"], dynamic=False),
+                                                             case["args"])
         for name, make in makers.items():
             result, _ = try_variant(name, make, rep_ms)
             if "ms" in result:
@@ -284,11 +287,17 @@ def summary_line(entry: dict, unit: str) -> str:
     return " | ".join(cells)
 
 
-def write(document: dict, out: Path | None) -> None:
-    line = json.dumps(document)
+def save(document: dict, out: Path | None) -> None:
+    """Write the document as it stands (atomically: a kill never leaves half a file)."""
     if out is not None:
-        out.write_text(line + "\n")
-    print(line)
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.write_text(json.dumps(document) + "\n")
+        tmp.replace(out)
+
+
+def write(document: dict, out: Path | None) -> None:
+    save(document, out)
+    print(json.dumps(document))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", default="3,6,7", help="comma-separated window sizes in frames: 3, 6, 7")
     parser.add_argument("--rep-ms", type=int, default=200, help="timed milliseconds per variant (do_bench rep)")
     parser.add_argument("--skip-elementwise", action="store_true", help="attention only")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON document here")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the torch.compile variants (flex_attention, compiled elementwise): their "
+                             "compiles cost most of the run")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON document here (rewritten after "
+                                                               "every shape, so a killed run keeps what it timed)")
     args = parser.parse_args(argv)
     models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
     windows = [int(w) for w in args.windows.split(",") if w.strip()]
@@ -325,15 +338,21 @@ def main(argv: list[str] | None = None) -> int:
         "attention": [], "elementwise": [],
     }
     print(f"device {document['device']}, torch {torch.__version__}, triton {triton.__version__}")
+    compiled = not args.no_compile
+    document["complete"] = False
     for model in models:
         for window in windows:
-            entry = bench_attention(model, window, args.rep_ms)
+            entry = bench_attention(model, window, args.rep_ms, compiled=compiled)
             document["attention"].append(entry)
             print(f"attention {model} H={entry['heads']} Lk={entry['lk']}: {summary_line(entry, 'tflops')} TFLOP/s")
+            save(document, args.out)
         if not args.skip_elementwise:
-            for entry in bench_elementwise(model, CHUNK_FRAMES * GRID_HW[0] * GRID_HW[1], args.rep_ms):
+            for entry in bench_elementwise(model, CHUNK_FRAMES * GRID_HW[0] * GRID_HW[1], args.rep_ms,
+                                           compiled=compiled):
                 document["elementwise"].append(entry)
                 print(f"{entry['op']} {model} dim={entry['dim']}: {summary_line(entry, 'gbps')} GB/s")
+            save(document, args.out)
+    document["complete"] = True
     write(document, args.out)
     return 0
 

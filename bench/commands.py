@@ -84,7 +84,7 @@ def _bench(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{args.compare}: cannot read the baseline report ({exc})") from None
         comparable({"device": device_identity(cfg.device), "config": {"model": cfg.model}}, baseline)
-    report = run_bench(cfg)
+    report = run_bench(cfg, out=args.out)
     print(format_report(report))
     status = 0
     if baseline is not None:

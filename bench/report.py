@@ -20,6 +20,8 @@ FIELDS: dict[str, str] = {
                "(whole frame, per frame, averaged), Sync-C of both with SyncNet weights, and drop_pct = the larger "
                "of 100 (1 - SSIM) and the relative fall of Sync-C; the reference's own entry compares a second "
                "run of it with the first (0 when the path is deterministic). --max-quality-drop gates drop_pct",
+    "complete": "false while the run is still going (the report is rewritten after every variant) or when it "
+                "was stopped part-way: the results present are final, the missing ones were not measured",
     "results": "one entry per ablation variant (reference, +kernels, +graphs, +streams, +decoder), each the "
                "LipSync session of 'lipforcing run' on synthetic frames, alignment and paste-back included; with "
                "--avatar one entry per number of concurrent sessions on a prepared avatar (avatar-1, avatar-2, ...)",
@@ -44,7 +46,7 @@ FIELDS: dict[str, str] = {
                        "stage time, in TFLOP/s",
     "speedup_vs_reference": "fps of this variant over fps of the reference variant in the same run",
     "path": "exactly which path the variant ran (scheduler, pipeline, device streams, CUDA graphs, attention, "
-            "compile, encoder, decoder, decoder backend)",
+            "compile, encoder, decoder, decoder backend, face backend: the benchmark's drawn face has a known box)",
     "skipped": "pieces of the variant that cannot run here, and why",
     "same_path_as": "a variant whose pieces cannot run here ran the same path as this one: not measured twice",
 }

@@ -4,8 +4,10 @@
     lipforcing bench --model tiny --compare baseline.json --max-regression 5     # a CI gate
 
 Every variant drives the same ``LipSync`` session API as ``lipforcing run``: synthetic 25 fps frames (a
-face photograph with a slight head motion, placed in a larger frame) go through face alignment, warping,
-both encoder streams, the student's calls, decoding and paste-back, and come back as finished frames.
+drawn face with a slight motion, placed in a larger frame) go through face alignment, warping, both encoder
+streams, the student's calls, decoding and paste-back, and come back as finished frames. The face's box is
+known, so alignment runs the ``box`` face backend (``--face-backend box --face-box``): no detector, and no
+package beyond the device image's (torch, numpy, OpenCV).
 Inputs are random where they are not frames (text, speech-like audio features come from the engine's
 audio encoder on synthesized speech); the weights are random at the model's real shapes, or real with
 ``--ckpt``. The networks are loaded once and shared by every variant.
@@ -20,7 +22,9 @@ The ablation adds one piece of the fast path at a time (the last one is what ``l
 
 A piece that cannot run here (no CUDA, no Triton, no backend decoder) is named in the variant's ``skipped``
 field; the variant is then measured without it when that still changes the path, else left out. What
-every figure means is written into the JSON (``fields``, see ``bench/report.py``).
+every figure means is written into the JSON (``fields``, see ``bench/report.py``). With ``out``, the report
+is rewritten after every variant (``complete`` false until the last), so a run killed part-way keeps what it
+measured.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.app.demo import moving_frames, portrait, synth_speech
+from ..engine.app.demo import moving_frames, synth_speech
 from ..engine.app.engine import Engine, Networks, RunConfig, load_networks
 from ..engine.dit.build import random_student
 from ..engine.dit.config import ModelConfig
@@ -86,17 +90,18 @@ class BenchConfig:
 
 
 def _best_decoder_backend(device: torch.device) -> tuple[str | None, str | None]:
-    """(backend, why not) of the fastest compiled TAEHV decoder that can run here."""
-    from ..compile.decoder import _onnxruntime_status
-    from ..compile.tensorrt_engine import tensorrt_status
+    """(backend, why not a faster one) of the fastest compiled TAEHV decoder for an engine on ``device``; None
+    when none can run. On CUDA it is what ``--decoder-backend auto`` takes (``choose_decoder_backend``: never
+    onnxruntime without its CUDA provider); a CPU engine's one compiled decoder is onnxruntime's CPU provider."""
+    from ..compile.decoder import choose_decoder_backend, probe_decoder_runtimes
 
-    ok, why_trt = tensorrt_status()
-    if ok and device.type == "cuda":
-        return "tensorrt", None
-    ok, why_ort = _onnxruntime_status()
-    if ok:
-        return "onnxruntime", f"TensorRT: {why_trt}"
-    return None, f"TensorRT: {why_trt}; onnxruntime: {why_ort}"
+    runtimes = probe_decoder_runtimes()
+    if device.type == "cuda":
+        backend, why = choose_decoder_backend("auto", device.type, runtimes)
+    else:
+        backend, why = choose_decoder_backend("onnxruntime", device.type, runtimes)
+        why = why or f"TensorRT: needs a CUDA engine, this one runs on {device.type}"
+    return (None, why) if backend == "torch" else (backend, why or None)
 
 
 def variant_config(name: str, base: RunConfig, device: torch.device) -> tuple[RunConfig | None, list[str]]:
@@ -164,21 +169,49 @@ class _RandomAudioFeatures:
         pass
 
 
-def synthetic_clip(frame_hw: tuple[int, int], chunks: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """(frames, speech): a face photograph with a slight head motion inside frames of ``frame_hw``, and
-    synthesized speech of the matching length (chunks x 12 - 3 frames)."""
+def synthetic_face(frame_hw: tuple[int, int]) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """(frame, box): a drawn face (head, hair, brows, eyes, nose, mouth, skin texture) centred in a frame of
+    ``frame_hw`` (np.uint8 [H, W, 3] RGB), its features where ``media.face.box_anchors`` expects them for
+    ``box`` = (x, y, w, h), which is 45 % of the frame's height."""
     import cv2
 
-    n = 12 * chunks - 3
-    face = portrait()
+    from ..engine.media.face import FaceBox, box_anchors
+
     h, w = frame_hw
-    scale = 0.8 * h / face.shape[0]
-    small = cv2.resize(face, (max(2, int(face.shape[1] * scale)), max(2, int(face.shape[0] * scale))))
-    canvas = np.full((h, w, 3), 60, np.uint8)
-    y0, x0 = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
-    canvas[y0 : y0 + small.shape[0], x0 : x0 + small.shape[1]] = small
+    bh = 0.45 * h
+    bw = 0.8 * bh
+    x, y = (w - bw) / 2, (h - bh) / 2
+    rng = np.random.default_rng(0)
+    frame = np.full((h, w, 3), 60, np.uint8)
+    frame[:] = (np.linspace(40, 90, w)[None, :, None] + rng.normal(0, 6, (h, w, 1))).clip(0, 255).astype(np.uint8)
+    cx, cy = int(x + bw / 2), int(y + bh / 2)
+    cv2.ellipse(frame, (cx, int(y + 0.3 * bh)), (int(0.56 * bw), int(0.42 * bh)), 0, 180, 360, (50, 35, 25), -1)
+    skin = np.zeros_like(frame)
+    cv2.ellipse(skin, (cx, cy), (int(bw / 2), int(bh / 2)), 0, 0, 360, (1, 1, 1), -1)
+    texture = (np.array([215, 170, 140]) + rng.normal(0, 8, (h, w, 1))).clip(0, 255)
+    frame = np.where(skin > 0, texture, frame).astype(np.uint8)
+    brow_l, brow_r, nose = box_anchors(FaceBox(x, y, bw, bh)).round().astype(int)
+    eye = int(0.06 * bw)
+    for bx, by in (brow_l, brow_r):
+        cv2.line(frame, (bx - 2 * eye, by), (bx + 2 * eye, by - eye // 3), (60, 40, 30), max(2, eye // 2))
+        cv2.ellipse(frame, (bx, by + 2 * eye), (int(1.6 * eye), eye), 0, 0, 360, (250, 250, 250), -1)
+        cv2.circle(frame, (bx, by + 2 * eye), int(0.7 * eye), (40, 60, 90), -1)
+    cv2.line(frame, (nose[0], int(brow_l[1] + 2 * eye)), tuple(nose), (170, 120, 100), max(2, eye // 3))
+    cv2.ellipse(frame, tuple(nose), (int(1.2 * eye), int(0.6 * eye)), 0, 0, 180, (150, 100, 85), -1)
+    mouth = (nose[0], int(nose[1] + 0.14 * bw))
+    cv2.ellipse(frame, mouth, (int(0.16 * bw), int(0.04 * bw)), 0, 0, 360, (160, 60, 60), -1)
+    cv2.line(frame, (mouth[0] - int(0.15 * bw), mouth[1]), (mouth[0] + int(0.15 * bw), mouth[1]), (90, 30, 30), 2)
+    return frame, (x, y, bw, bh)
+
+
+def synthetic_clip(frame_hw: tuple[int, int], chunks: int) -> tuple[list[np.ndarray], np.ndarray,
+                                                                      tuple[float, float, float, float]]:
+    """(frames, speech, face box): the drawn face with a slight motion in frames of ``frame_hw``, synthesized
+    speech of the matching length (chunks x 12 - 3 frames), and the face's box for the ``box`` face backend."""
+    n = 12 * chunks - 3
+    face, box = synthetic_face(frame_hw)
     speech = synth_speech((n + 1) / OUTPUT_FPS)
-    return moving_frames(canvas, n), speech
+    return moving_frames(face, n), speech, box
 
 
 def _run_session(engine: Engine, frames: list[np.ndarray], speech: np.ndarray, keep: list | None = None) -> dict:
@@ -283,26 +316,18 @@ def _telemetry() -> dict:
         return {"nvml": f"unavailable: {exc}"}
 
 
-def _avatar_results(cfg: BenchConfig, networks: Networks, base: RunConfig, frames, speech) -> dict:
+def _avatar_results(cfg: BenchConfig, networks: Networks, base: RunConfig, frames, speech):
     """The prepared-avatar path (no detection, alignment or encoder) with 1, 2, 4 ... concurrent sessions on one
-    engine, each session in its own thread with its own speech."""
-    import tempfile
+    engine, each session in its own thread with its own speech; yields (name, result) as each count is done."""
     import threading
 
     from ..engine.app.avatar import prepare_avatar
-    from ..engine.media.io import VideoWriter
 
     device = torch.device(cfg.device)
     fast, _ = variant_config("+decoder", base, device)
-    with tempfile.TemporaryDirectory(prefix="lipforcing-bench-") as tmp:
-        video = Path(tmp) / "avatar.mp4"
-        with VideoWriter(video, frames[0].shape[1], frames[0].shape[0]) as writer:
-            for frame in frames[:33]:  # a short avatar: it loops forward and back
-                writer.write(frame)
-        prep = Engine(fast, networks)
-        avatar = prepare_avatar(video, prep, progress=False)
-        prep.close()
-    results = {}
+    prep = Engine(fast, networks)
+    avatar = prepare_avatar(frames[:33], prep, progress=False)  # a short avatar: it loops forward and back
+    prep.close()
     for n in cfg.avatar_sessions:
         engine = Engine(replace(fast, max_sessions=n), networks)
         warm = engine.warm_up()
@@ -353,25 +378,37 @@ def _avatar_results(cfg: BenchConfig, networks: Networks, base: RunConfig, frame
         }
         if device.type == "cuda":
             result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-        results[f"avatar-{n}"] = result
         engine.close()
-    return results
+        yield f"avatar-{n}", result
 
 
-def run_bench(cfg: BenchConfig) -> dict:
-    """Measure every variant of ``cfg`` in this process; returns the report (schema ``SCHEMA``)."""
+def run_bench(cfg: BenchConfig, out: str | Path | None = None) -> dict:
+    """Measure every variant of ``cfg`` in this process; returns the report (schema ``SCHEMA``). With ``out``,
+    the report so far is written there after every variant (``complete``: false until the end)."""
     from tqdm import tqdm
 
     device = torch.device(cfg.device)
     networks = build_networks(cfg)
-    base = RunConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, encoder=cfg.encoder, decoder=cfg.decoder)
-    frames, speech = synthetic_clip(cfg.frame_hw, cfg.chunks + 2)
-    results, seen_paths, outputs = {}, [], {}
+    frames, speech, box = synthetic_clip(cfg.frame_hw, cfg.chunks + 2)
+    base = RunConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, encoder=cfg.encoder, decoder=cfg.decoder,
+                     face_backend="box", face_box=box)
+    report = _report_head(cfg, device)
+    results, seen_paths, outputs = report["results"], [], {}
+
+    def save() -> None:
+        measured = {k: v for k, v in results.items() if "fps" in v}
+        if "reference" in measured:
+            for res in measured.values():
+                res["speedup_vs_reference"] = round(res["fps"] / measured["reference"]["fps"], 3)
+        if out is not None:
+            dump(report, out)
+
     variants = cfg.variants
     if cfg.quality and variants and variants[0] != "reference":
         variants = ("reference", *(v for v in variants if v != "reference"))
-    if cfg.avatar_sessions:
-        results.update(_avatar_results(cfg, networks, base, frames, speech))
+    for name, result in _avatar_results(cfg, networks, base, frames, speech) if cfg.avatar_sessions else ():
+        results[name] = result
+        save()
     with tqdm(total=len(variants), unit="variant", desc="bench", disable=not cfg.progress) as bar:
         for name in variants:
             run_cfg, skipped = variant_config(name, base, device)
@@ -392,17 +429,22 @@ def run_bench(cfg: BenchConfig) -> dict:
             engine.close()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            save()
             bar.update(1)
-    measured = {k: v for k, v in results.items() if "fps" in v}
-    if "reference" in measured:
-        for res in measured.values():
-            res["speedup_vs_reference"] = round(res["fps"] / measured["reference"]["fps"], 3)
     if cfg.quality:
         _add_quality(cfg, results, outputs, speech)
+    report["complete"] = True
+    save()
+    return report
+
+
+def _report_head(cfg: BenchConfig, device: torch.device) -> dict:
+    """The report before any result: schema, field definitions, device and configuration."""
     cuda = device.type == "cuda"
     return {
         "schema": SCHEMA,
         "fields": FIELDS,
+        "complete": False,
         "device": {
             **device_identity(device),
             "note": None if cuda else "CPU figures: no CUDA device",
@@ -411,7 +453,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         },
         "config": {**asdict(cfg), "frame_hw": list(cfg.frame_hw), "variants": list(cfg.variants),
                    "avatar_sessions": list(cfg.avatar_sessions), "commit": _commit()},
-        "results": results,
+        "results": {},
     }
 
 

@@ -279,6 +279,17 @@ _sink_window_attention_fwd_tuned = triton.autotune(
     **_persistent_autotune(),
 )(_sink_window_attention_fwd_kernel)
 
+# The autotuner's keys launched in this process (its ``key`` plus the dtype Triton adds): a new one is a tuning
+# event (a benchmark of every config, or a disk-cache read). Warm-ups run every key first; tests count them.
+_TUNED_KEYS: set[tuple] = set()
+
+
+def tuning_events() -> int:
+    """How many distinct autotuning keys the attention has launched in this process (interpreter runs count
+    the same keys, so CPU tests check where tuning would happen on a GPU)."""
+    return len(_TUNED_KEYS)
+
+
 # The interpreter runs every program in Python: small tiles keep CPU tests fast and exercise masking.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
@@ -369,6 +380,7 @@ def sink_window_attention(
         "HEAD_DIM": d, "PAIRS_T": pt, "PAIRS_H": ph, "PAIRS_W": pw,
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
+    _TUNED_KEYS.add((b, h, lq, k_cache.shape[1], d, meta["DOT_PRECISION"], q.dtype))
     if _interpreting():
         grid = (triton.cdiv(lq, _INTERPRETER_BLOCKS["BLOCK_M"]), b * h)
         _sink_window_attention_fwd_kernel[grid](*args, **meta, **_INTERPRETER_BLOCKS, USE_LIBDEVICE=False)

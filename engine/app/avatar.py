@@ -29,8 +29,10 @@ error that says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,8 +171,9 @@ def latent_period(frames: int) -> int:
 
 
 @torch.no_grad()
-def prepare_avatar(video: str | Path, engine, *, progress: bool = True) -> Avatar:
-    """Align every frame of ``video`` (25 fps), encode the played sequence's latents; nothing is written."""
+def prepare_avatar(video: str | Path | Sequence[np.ndarray], engine, *, progress: bool = True) -> Avatar:
+    """Align every frame of ``video`` (a file, read at 25 fps, or frames in memory: np.uint8 [H, W, 3] RGB at
+    25 fps), encode the played sequence's latents; nothing is written."""
     parts = engine.acquire_parts()  # an aligner, an encoder and the pipeline's batch-of-two encode
     try:
         return _prepare(video, engine, parts, progress)
@@ -181,11 +184,13 @@ def prepare_avatar(video: str | Path, engine, *, progress: bool = True) -> Avata
 def _prepare(video, engine, parts, progress: bool) -> Avatar:
     parts.aligner.reset()
     frames_png, crops_png, matrices = [], [], []
-    with VideoReader(video) as reader:
+    in_memory = not isinstance(video, (str, Path))
+    name = "the avatar's frames" if in_memory else str(video)
+    with contextlib.nullcontext(video) if in_memory else VideoReader(video) as reader:
         for i, frame in enumerate(_bar(reader, progress, "align")):
             where = parts.aligner.locate(frame)
             if where is None:
-                raise NoFaceError(f"{video}: no face in frame {i} ({i / 25:.2f} s); every frame of an avatar needs "
+                raise NoFaceError(f"{name}: no face in frame {i} ({i / 25:.2f} s); every frame of an avatar needs "
                                   "one: trim the video")
             frames_png.append(_encode(frame))
             _, crop = frames_and_crops([frame], [where.matrix], engine.device)  # the session's warp, exactly
@@ -218,7 +223,8 @@ def _prepare(video, engine, parts, progress: bool) -> Avatar:
         "stored_latents": stored, "encoder": engine.config.encoder,
         "encoder_sha256": weights_digest(engine.encoder.model),
         "encoder_group_frames": engine.config.encoder_group_frames,
-        "latent_hw": [engine.stream.latent_h, engine.stream.latent_w], "source": Path(video).name,
+        "latent_hw": [engine.stream.latent_h, engine.stream.latent_w],
+        "source": "frames in memory" if in_memory else Path(video).name,
     }
     return Avatar(frames_png=frames_png, crops_png=crops_png, matrices=matrices_np, inverses=inverses,
                   masked_latents=torch.cat(masked, 2), ref_latents=torch.cat(ref, 2),

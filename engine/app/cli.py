@@ -215,6 +215,9 @@ def add_engine_options(p: argparse.ArgumentParser, *, model_default: str = "14b"
     p.add_argument("--compiled", default=None, metavar="DIR", help="use what 'lipforcing compile' wrote to DIR")
     p.add_argument("--compile", action="store_true", help="torch.compile each student call per window shape")
     p.add_argument("--face-box", default=None, help="x,y,w,h: use the face whose centre lies in this box")
+    p.add_argument("--face-backend", default="mediapipe", choices=["mediapipe", "box"],
+                   help="mediapipe (detect and track the face) or box (the face is --face-box and does not move: "
+                        "a fixed camera; needs no mediapipe)")
     p.add_argument("--mask", default=None, help="mouth mask image (255 = keep) instead of the built-in one")
     p.add_argument("--require-face", action="store_true", help="fail when no face is found anywhere")
     p.add_argument("--seed", type=int, default=0)
@@ -238,7 +241,7 @@ def engine_config(args: argparse.Namespace):
         decoder_group_latents=args.decoder_group_latents or None, backend=args.backend,
         scheduler=args.scheduler, pipeline=args.pipeline or "", cuda_graphs=False if args.no_cuda_graphs else None,
         decoder_backend=args.decoder_backend, compiled=args.compiled, compile=args.compile, face_box=box,
-        mask=args.mask, require_face=args.require_face, seed=args.seed,
+        face_backend=args.face_backend, mask=args.mask, require_face=args.require_face, seed=args.seed,
     )
     weights = Weights(ckpt=args.ckpt, vae=args.vae, taehv=args.taehv, wav2vec=args.wav2vec,
                       text_embeds=args.text_embeds)

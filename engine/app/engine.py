@@ -33,7 +33,7 @@ from ..dit.checkpoint import load_text_embeds
 from ..dit.config import ModelConfig, StreamConfig
 from ..dit.model import CausalWanStudent
 from ..errors import ConfigError, EngineBusy, WeightsError
-from ..media.face import FACE_SIZE, FaceAligner
+from ..media.face import FACE_BACKENDS, FACE_SIZE, FaceAligner
 from ..media.mask import latent_mask_channel, load_mask, mouth_mask01, pixel_mask, soft_mask
 from ..numerics import parse_dtype
 from ..runtime.pipeline import ChunkPipeline, DeviceStreams
@@ -93,6 +93,8 @@ class RunConfig:
     """torch.compile each of the student's calls once per window shape (static scheduler)."""
     face_box: tuple[float, float, float, float] | None = None
     """Choose the face whose centre lies in this (x, y, w, h) box instead of the largest face."""
+    face_backend: str = "mediapipe"
+    """mediapipe (detect and track the face) or box (the face is ``face_box`` and does not move; no package)."""
     mask: str | None = None
     """A mouth mask image (255 = keep) instead of the built-in LatentSync-shaped mask."""
     require_face: bool = False
@@ -121,6 +123,10 @@ class RunConfig:
             raise ConfigError("--compile needs the static scheduler")
         if self.cuda_graphs and (self.scheduler != "static" or not self.device.startswith("cuda")):
             raise ConfigError("CUDA graphs need the static scheduler on a CUDA device")
+        if self.face_backend not in FACE_BACKENDS:
+            raise ConfigError(f"unknown face backend {self.face_backend!r}; choose one of {FACE_BACKENDS}")
+        if self.face_backend == "box" and self.face_box is None:
+            raise ConfigError("the box face backend needs the face's box (face_box / --face-box x,y,w,h)")
         parse_dtype(self.dtype)
 
     @staticmethod
@@ -285,7 +291,7 @@ class Engine:
         encoder = make_encoder(cfg.encoder, vae=nets.vae, taehv=nets.taehv, group_frames=cfg.encoder_group_frames)
         decoder = self._make_decoder(streams)
         pipeline = ChunkPipeline(self.student, encoder, decoder, self.keep_pixels, streams=streams)
-        aligner = FaceAligner(face_box=cfg.face_box, detect_every=cfg.detect_every,
+        aligner = FaceAligner(cfg.face_backend, face_box=cfg.face_box, detect_every=cfg.detect_every,
                               warp="torch" if self.device.type == "cuda" else "cv2", device=self.device)
         return SessionParts(streams=streams, encoder=encoder, decoder=decoder, pipeline=pipeline, aligner=aligner)
 
@@ -352,6 +358,7 @@ class Engine:
             "encoder": self.config.encoder,
             "decoder": self.config.decoder,
             "decoder_backend": self.decoder.backend,
+            "face": self.config.face_backend,
             "device": str(self.device),
             "model": self.config.model,
             "max_sessions": self.config.max_sessions,
@@ -361,7 +368,8 @@ class Engine:
     @property
     def needs_warm_up(self) -> bool:
         """Whether a warm-up has anything to do: kernels to tune, graphs to capture, calls to compile."""
-        return not self.warmed_up and (self.device.type == "cuda" or self.config.compile)
+        return not self.warmed_up and (self.device.type == "cuda" or self.config.compile
+                                       or self.student.backend == "triton")
 
     @torch.no_grad()
     def warm_up(self) -> float:

@@ -112,6 +112,20 @@ def plan_chunk(start: int, stream: StreamConfig) -> ChunkPlan:
                      kept_chunk=(kept_new[0] if kept_new else c, len(kept_new)))
 
 
+def window_shape_plans(stream: StreamConfig) -> list[ChunkPlan]:
+    """One plan per distinct window shape, in clip order (chunk 0, chunk 1, steady state, ...): the chunks a
+    warm-up runs so that every shape's kernels are tuned and its graphs captured before real work."""
+    plans, seen, start = [], set(), 0
+    c = stream.chunk_frames
+    while start <= stream.window_frames + stream.sink_frames + 2 * c:
+        plan = plan_chunk(start, stream)
+        if plan.shape_key not in seen:
+            seen.add(plan.shape_key)
+            plans.append(plan)
+        start += c
+    return plans
+
+
 class SinkWindowCache:
     """Preallocated raw-K / V cache for every layer, kept in window order for the next chunk."""
 

@@ -25,7 +25,8 @@ alignment while fewer than `max_reuse` (60) consecutive frames have missed; from
 on `align` returns None (the pipeline passes the frame through unchanged).
 
 Backends implement `FaceBackend` (detect + landmarks). `MediaPipeBackend` uses the legacy
-`mediapipe.solutions` models shipped inside the mediapipe 0.10.21 wheel (no download).
+`mediapipe.solutions` models shipped inside the mediapipe 0.10.21 wheel (no download); `KnownBoxBackend`
+takes a face box known in advance (a fixed camera, the benchmark's synthetic face) and needs no package.
 Warps: `warp_affine_cv2` (CPU reference) and `warp_affine_torch` (grid_sample; CPU or CUDA, batched).
 """
 
@@ -351,13 +352,65 @@ class MediaPipeBackend(FaceBackend):
             model.close()
 
 
+class KnownBoxBackend(FaceBackend):
+    """A face whose box is known in advance (a fixed camera, a synthetic benchmark face): no detector, no
+    landmark model, no third-party package. ``detect`` returns the box; the anchors sit where the alignment
+    template puts them inside a face box of that size (``box_anchors``), so the aligned crop frames the box as
+    a detected face would be framed. The face does not move for this backend: the head motion of a real video
+    is not followed (use mediapipe for that)."""
+
+    name = "box"
+
+    def __init__(self, face_box: tuple[float, float, float, float]) -> None:
+        x, y, w, h = (float(v) for v in face_box)
+        self.box = FaceBox(x, y, w, h)
+        if not self.box.passes_size_filter():
+            raise ConfigError(f"the face box {face_box} is not a face: it needs w >= {MIN_FACE_W}, "
+                              f"h >= {MIN_FACE_H} and {MIN_ASPECT} <= w/h <= {MAX_ASPECT} pixels")
+        self._landmarks = FaceLandmarks(points=box_anchors(self.box), anchors=box_anchors(self.box))
+
+    def detect(self, frame: np.ndarray) -> list[FaceBox]:
+        return [self.box]
+
+    def landmarks(self, frame: np.ndarray, box: FaceBox) -> FaceLandmarks | None:
+        return self._landmarks
+
+
+# Anchors inside a face box (fractions of its width; the brow line at 30 % of its height), with the template's
+# proportions: brows 0.46 w apart, the nose tip below their midpoint by 0.46 w x (112 / 229.6).
+_BOX_BROW_X, _BOX_BROW_Y = 0.27, 0.3
+_BOX_NOSE_DROP = (1 - 2 * _BOX_BROW_X) * (TEMPLATE[2, 1] - TEMPLATE[0, 1]) / (TEMPLATE[1, 0] - TEMPLATE[0, 0])
+
+
+def box_anchors(box: FaceBox) -> np.ndarray:
+    """float64 [3, 2]: the alignment anchors (image-left brow, image-right brow, nose tip) of a face that fills
+    ``box``, in the template's proportions (``KnownBoxBackend``; the benchmark draws its face to match)."""
+    brow_y = box.y + _BOX_BROW_Y * box.h
+    return np.array([
+        [box.x + _BOX_BROW_X * box.w, brow_y],
+        [box.x + (1 - _BOX_BROW_X) * box.w, brow_y],
+        [box.x + 0.5 * box.w, brow_y + _BOX_NOSE_DROP * box.w],
+    ])
+
+
 INSIGHTFACE_FILES = ("det_10g.onnx", "2d106det.onnx")
+FACE_BACKENDS = ("mediapipe", "box")
 
 
-def make_backend(name: str = "mediapipe", model_dir: str | os.PathLike[str] | None = None) -> FaceBackend:
-    """Backend by name: "mediapipe" (built in) or "insightface" (interface only; needs local models)."""
+def make_backend(
+    name: str = "mediapipe",
+    model_dir: str | os.PathLike[str] | None = None,
+    *,
+    face_box: tuple[float, float, float, float] | None = None,
+) -> FaceBackend:
+    """Backend by name: "mediapipe" (built in), "box" (the face is ``face_box``: no detection, no package) or
+    "insightface" (interface only; needs local models)."""
     if name == "mediapipe":
         return MediaPipeBackend()
+    if name == "box":
+        if face_box is None:
+            raise ConfigError("the box face backend needs the face's box: give --face-box x,y,w,h")
+        return KnownBoxBackend(face_box)
     if name == "insightface":
         missing = [f for f in INSIGHTFACE_FILES if model_dir is None or not (Path(model_dir) / f).is_file()]
         if missing:
@@ -367,7 +420,7 @@ def make_backend(name: str = "mediapipe", model_dir: str | os.PathLike[str] | No
                 "put the buffalo_l ONNX files in a local directory, or use the mediapipe backend"
             )
         raise ConfigError("the insightface face backend is not implemented in this build; use mediapipe")
-    raise ConfigError(f"unknown face backend {name!r}; choose mediapipe or insightface")
+    raise ConfigError(f"unknown face backend {name!r}; choose mediapipe, box or insightface")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,7 +483,7 @@ class FaceAligner:
     ) -> None:
         if detect_every < 1:
             raise ConfigError(f"detect_every must be >= 1, got {detect_every}")
-        self.backend = make_backend(backend) if isinstance(backend, str) else backend
+        self.backend = make_backend(backend, face_box=face_box) if isinstance(backend, str) else backend
         self.face_box = face_box
         self.detect_every = detect_every
         self.max_reuse = max_reuse

@@ -16,12 +16,13 @@ The x0 update and the re-noise are done in float64, as in the released code.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from ..dit.attention import RopeTable, StreamingAttention, resolve_backend
-from ..dit.cache import SinkWindowCache
+from ..dit.cache import SinkWindowCache, window_shape_plans
 from ..dit.config import StreamConfig
 from ..dit.model import CausalWanStudent, ClipConditioning, input_channels
 
@@ -108,9 +109,33 @@ class StreamingSampler:
         if self.generator is not None:
             self.generator.manual_seed(self.seed)
 
+    @torch.no_grad()
     def warm_up(self, text_context: torch.Tensor | None = None) -> float:
-        """Nothing to prepare: the reference loop runs eagerly (the same API as ``StaticStudent``)."""
-        return 0.0
+        """Run a dummy clip through every window shape (the same API as ``StaticStudent``): the Triton backend's
+        autotuning and first compiles happen here, not in the first real chunks. The clip and cache are reset
+        after it (``start_clip`` before the next chunk). Returns the seconds it took."""
+        began = time.perf_counter()
+        cfg, dev = self.model.cfg, self.device
+        c = self.stream.chunk_frames
+        latents = len(window_shape_plans(self.stream)) * c
+        h, w = self.stream.latent_h, self.stream.latent_w
+        if text_context is None:
+            text_context = torch.zeros(1, cfg.text_len, cfg.text_dim, device=dev)
+        b = self.batch
+        self.start_clip(
+            text_context.expand(b, -1, -1),
+            torch.zeros(b, 1 + cfg.audio_frames_per_latent * (latents - 1), cfg.audio_dim, device=dev),
+            torch.zeros(b, cfg.out_dim, 1, h, w, device=dev), torch.zeros(b, 1, 1, h, w, device=dev),
+        )
+        lat = torch.zeros(b, cfg.out_dim, c, h, w, device=dev)
+        for _ in range(latents // c):
+            self.denoise_chunk(lat, lat)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self.clip = None
+        self.cache.reset()
+        self.next_frame = 0
+        return time.perf_counter() - began
 
     @torch.no_grad()
     def run_chunk(

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..dit.attention import RopeTable, StreamingAttention, resolve_backend
-from ..dit.cache import ChunkPlan, SinkWindowCache, plan_chunk
+from ..dit.cache import ChunkPlan, SinkWindowCache, plan_chunk, window_shape_plans
 from ..dit.config import StreamConfig
 from ..dit.model import CausalWanStudent
 from ..errors import ConfigError
@@ -284,49 +284,56 @@ class StaticStudent:
     @property
     def window_shapes(self) -> list[ChunkPlan]:
         """One plan per distinct window shape, in clip order (chunk 0, chunk 1, steady state, ...)."""
-        plans, seen, start = [], set(), 0
-        c = self.stream.chunk_frames
-        while start <= self.stream.window_frames + self.stream.sink_frames + 2 * c:
-            plan = plan_chunk(start, self.stream)
-            if plan.shape_key not in seen:
-                seen.add(plan.shape_key)
-                plans.append(plan)
-            start += c
-        return plans
+        return window_shape_plans(self.stream)
 
     @torch.no_grad()
     def warm_up(self, text_context: torch.Tensor | None = None) -> float:
-        """Run a dummy clip through every window shape in row 0: Triton autotuning, torch.compile and CUDA-graph
-        capture happen here instead of on the first real chunks (other rows' graphs are captured on first use).
+        """Run dummy clips through every window shape, so that Triton autotuning, torch.compile and CUDA-graph
+        capture happen here instead of in real chunks: sessions that start together (rows 0 .. k-1 batched, for
+        every k up to the free rows) and a session that starts alone in any other row, through every shape.
         ``text_context`` (the text real clips will use) has its K/V computed here too. Returns the seconds it
-        took. Everything the dummy clip touched is reset by the next ``start_clip``."""
+        took. Everything the dummy clips touched is reset by the next ``start_clip``; call it before sessions
+        open (rows in use are left alone)."""
         began = time.perf_counter()
-        cfg, dev = self.model.cfg, self.device
-        slot = self._default or self.open_slot()
-        chunks = len(self.window_shapes)
-        latents = chunks * self.stream.chunk_frames
-        h, w = self.stream.latent_h, self.stream.latent_w
+        free = sum(r is None for r in self._rows) + (self._default is not None)
+        shapes = len(self.window_shapes)
         if text_context is None:
-            text_context = torch.zeros(1, cfg.text_len, cfg.text_dim, device=dev)
-        self.start_clip(
-            text_context,
-            torch.zeros(1, 1 + cfg.audio_frames_per_latent * (latents - 1), cfg.audio_dim, device=dev),
-            torch.zeros(1, cfg.out_dim, 1, h, w, device=dev), torch.zeros(1, 1, 1, h, w, device=dev), slot=slot,
-        )
-        lat = torch.zeros(1, cfg.out_dim, self.stream.chunk_frames, h, w, device=dev)
-        for _ in range(chunks):
-            self.run_chunk(lat, lat, slot=slot)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        if slot is not self._default:
-            self.close_slot(slot)
-        else:
-            slot.cache.reset()
-            slot.started, slot.audio_codes = False, None
+            text_context = torch.zeros(1, self.model.cfg.text_len, self.model.cfg.text_dim, device=self.device)
+        for k in range(free, 0, -1):  # k sessions started together: rows 0 .. k-1 in one batch per chunk
+            self._dummy_chunks(text_context, together=k, alone_row=None, chunks=shapes)
+        for row in range(1, free):  # one session started alone in row `row` (the others run their own chunks)
+            self._dummy_chunks(text_context, together=0, alone_row=row, chunks=shapes)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - began
-        log.info("lipforcing: student warmed up in %.1f s (%d window shapes, %d CUDA graphs)", seconds, chunks,
-                 len(self.graphs))
+        log.info("lipforcing: student warmed up in %.1f s (%d window shapes, %d rows, %d CUDA graphs)", seconds,
+                 shapes, free, len(self.graphs))
         return seconds
+
+    def _dummy_chunks(self, text: torch.Tensor, *, together: int, alone_row: int | None, chunks: int) -> None:
+        """Zeros through ``chunks`` chunks: ``together`` sessions in rows 0 .. together-1 as one batch, or one
+        session in row ``alone_row``; the rows are handed back (the default slot reset) afterwards."""
+        cfg, dev = self.model.cfg, self.device
+        c, h, w = self.stream.chunk_frames, self.stream.latent_h, self.stream.latent_w
+        if self._default is not None:
+            opened = [self._default]
+        else:
+            opened = [self.open_slot() for _ in range(together if alone_row is None else alone_row + 1)]
+        slots = opened if alone_row is None else opened[-1:]
+        for slot in slots:
+            self.start_clip(
+                text, torch.zeros(1, 1 + cfg.audio_frames_per_latent * (chunks * c - 1), cfg.audio_dim, device=dev),
+                torch.zeros(1, cfg.out_dim, 1, h, w, device=dev), torch.zeros(1, 1, 1, h, w, device=dev), slot=slot,
+            )
+        lat = torch.zeros(len(slots), cfg.out_dim, c, h, w, device=dev)
+        for _ in range(chunks):
+            self.run_group(slots, lat, lat)
+        for slot in opened:
+            if slot is self._default:
+                slot.cache.reset()
+                slot.started, slot.audio_codes, slot.next_frame = False, None, 0
+            else:
+                self.close_slot(slot)
 
     # --- chunks ----------------------------------------------------------------------------------------
 

@@ -179,6 +179,7 @@ def test_report_names_the_path_that_ran(shared_dir, short_speech, tmp_path, caps
         "scheduler": "static", "pipeline": "sequential", "device_streams": False, "cuda_graphs": False,
         "attention": "reference", "compile": False, "encoder": "taehv", "decoder": "taehv",
         "decoder_backend": "torch", "device": "cpu", "model": "tiny", "dtype": "fp32", "max_sessions": 1,
+        "face": "mediapipe",
     }
     assert {"face alignment", "encode", "student", "decode", "paste-back"} <= set(summary["stage_seconds"])
     assert set(summary["fields"]) >= {"fps", "path", "stage_seconds"}

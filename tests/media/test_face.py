@@ -187,6 +187,38 @@ def test_backend_factory_errors(tmp_path: Path) -> None:
         make_backend("dlib")
 
 
+def test_known_box_backend_aligns_the_box_without_a_detector() -> None:
+    """The box backend's anchors have the template's proportions, so the crop maps them exactly onto the
+    template's anchors; it needs no mediapipe, and a box that is not a face is refused."""
+    from lipforcing.engine.media.face import KnownBoxBackend, box_anchors
+
+    frame = smooth_image(300, 420, seed=3)
+    box = (131.0, 57.0, 118.0, 150.0)
+    aligner = FaceAligner("box", face_box=box, warp="cv2")
+    assert isinstance(aligner.backend, KnownBoxBackend)
+    faces = [aligner.align(frame) for _ in range(7)]  # detection and "tracking" frames alike
+    anchors = box_anchors(FaceBox(*box))
+    for face in faces:
+        mapped = (face.matrix[:, :2] @ anchors.T + face.matrix[:, 2:]).T
+        np.testing.assert_allclose(mapped, TEMPLATE_512, atol=1e-6)
+        assert face.image.shape == (FACE_SIZE, FACE_SIZE, 3) and not face.reused
+    np.testing.assert_array_equal(faces[0].image, warp_affine_cv2(frame, faces[0].matrix, (FACE_SIZE, FACE_SIZE)))
+    with pytest.raises(ConfigError, match="needs the face's box"):
+        make_backend("box")
+    with pytest.raises(ConfigError, match="is not a face"):
+        make_backend("box", face_box=(0, 0, 300, 20))
+
+
+def test_run_config_face_backend_options() -> None:
+    from lipforcing.engine.app.engine import RunConfig
+
+    assert RunConfig(model="tiny", face_backend="box", face_box=(1, 2, 90, 120)).face_backend == "box"
+    with pytest.raises(ConfigError, match="needs the face's box"):
+        RunConfig(model="tiny", face_backend="box")
+    with pytest.raises(ConfigError, match="unknown face backend"):
+        RunConfig(model="tiny", face_backend="dlib")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Real clip through MediaPipe
 
