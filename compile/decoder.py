@@ -4,8 +4,11 @@
     frames = decoder.push(z)      # z [1, 16, 3, h, w] -> frames [9 or 12, 3, 8h, 8w] in [0, 1]
     decoder.backend               # which one runs; reported by the run summary and the benchmark
 
-``auto`` takes TensorRT when it can be used here, else the PyTorch decoder. An unavailable backend (asked
-for or picked by ``auto``) falls back with a warning that names the reason; never silently.
+``auto`` (``choose_decoder_backend``, the one rule the engine and the benchmark share): for a CUDA engine
+TensorRT, else onnxruntime when it has its CUDA execution provider, else the PyTorch decoder on the GPU; never
+a decoder on the host CPU (onnxruntime's CPU provider takes 8-12 s a chunk). For a CPU engine, the PyTorch
+decoder. An unavailable backend (asked for or picked by ``auto``) falls back with a warning that names the
+reason; never silently, and ``decoder.backend`` names what runs.
 
 Artefacts are reused across processes: the decoder's ONNX step comes from ``compiled_dir`` (what
 ``lipforcing compile`` wrote, checked against the weights) or from the user cache, keyed by a hash of
@@ -19,6 +22,7 @@ import copy
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,24 +50,90 @@ def _onnxruntime_status() -> tuple[bool, str]:
     return True, "ok"
 
 
-def select_decoder_backend(requested: str, device: torch.device | str) -> str:
-    """Resolve ``requested`` (auto | tensorrt | onnxruntime | torch) to a backend that works here."""
+@dataclass(frozen=True, kw_only=True)
+class DecoderRuntimes:
+    """What this host offers the compiled decoders (``probe_decoder_runtimes``)."""
+
+    tensorrt: tuple[bool, str]
+    """(usable, reason): TensorRT importable with a CUDA device (``tensorrt_status``)."""
+    onnxruntime: tuple[bool, str]
+    """(usable, reason): onnxruntime and the exporter (onnxscript) importable."""
+    onnxruntime_providers: tuple[str, ...] = ()
+    """onnxruntime's execution providers (``onnxruntime.get_available_providers()``); empty when not usable."""
+
+
+def probe_decoder_runtimes() -> DecoderRuntimes:
+    """Probe TensorRT, onnxruntime and onnxruntime's execution providers (imports them; creates no tensor)."""
+    ort = _onnxruntime_status()
+    providers: tuple[str, ...] = ()
+    if ort[0]:
+        import onnxruntime
+
+        providers = tuple(onnxruntime.get_available_providers())
+    return DecoderRuntimes(tensorrt=tensorrt_status(), onnxruntime=ort, onnxruntime_providers=providers)
+
+
+def choose_decoder_backend(requested: str, device_type: str, runtimes: DecoderRuntimes) -> tuple[str, str]:
+    """(backend, why): the decoder that runs for an engine on ``device_type`` ("cuda", "cpu") when
+    ``requested`` (auto | tensorrt | onnxruntime | torch) is asked for; ``why`` says what ruled out the
+    faster choices ("" when nothing did). Pure: ``runtimes`` describes the host.
+
+    A CUDA engine decodes on its GPU: ``auto`` takes TensorRT, else onnxruntime with its CUDAExecutionProvider,
+    else PyTorch; onnxruntime's CPU provider is never used for it, asked for or not. A CPU engine runs
+    onnxruntime (CPU provider) only when asked for; ``auto`` keeps it on the PyTorch decoder."""
     if requested not in ("auto", *DECODER_BACKENDS):
         raise ConfigError(f"unknown decoder backend {requested!r}; choose auto or one of {DECODER_BACKENDS}")
     if requested == "torch":
+        return "torch", ""
+    no_trt = _tensorrt_unusable(device_type, runtimes)
+    no_ort = _onnxruntime_unusable(device_type, runtimes)
+    if requested == "tensorrt":
+        return ("torch", no_trt) if no_trt else ("tensorrt", "")
+    if requested == "onnxruntime":
+        return ("torch", no_ort) if no_ort else ("onnxruntime", "")
+    if device_type != "cuda":
+        return "torch", f"the engine runs on {device_type}: auto takes a compiled decoder for a CUDA engine only"
+    if not no_trt:
+        return "tensorrt", ""
+    if not no_ort:
+        return "onnxruntime", no_trt
+    return "torch", f"{no_trt}; {no_ort}"
+
+
+def _tensorrt_unusable(device_type: str, runtimes: DecoderRuntimes) -> str:
+    """Why TensorRT cannot decode for an engine on ``device_type`` ("" when it can)."""
+    if device_type != "cuda":
+        return f"TensorRT: needs a CUDA engine, this one runs on {device_type}"
+    ok, why = runtimes.tensorrt
+    return "" if ok else f"TensorRT: {why}"
+
+
+def _onnxruntime_unusable(device_type: str, runtimes: DecoderRuntimes) -> str:
+    """Why onnxruntime cannot decode for an engine on ``device_type`` ("" when it can): a CUDA engine needs its
+    CUDA execution provider, any other engine its CPU provider."""
+    ok, why = runtimes.onnxruntime
+    if not ok:
+        return f"onnxruntime: {why}"
+    provider = "CUDAExecutionProvider" if device_type == "cuda" else "CPUExecutionProvider"
+    if provider in runtimes.onnxruntime_providers:
+        return ""
+    have = ", ".join(runtimes.onnxruntime_providers) or "none"
+    host = "; the CPU provider would decode on the host CPU" if device_type == "cuda" else ""
+    return f"onnxruntime: no {provider} in this build (it has {have}){host}"
+
+
+def select_decoder_backend(requested: str, device: torch.device | str) -> str:
+    """Resolve ``requested`` (auto | tensorrt | onnxruntime | torch) to the backend that runs for an engine on
+    ``device`` (``choose_decoder_backend`` on this host); a fallback is logged as a warning with its reason."""
+    if requested == "torch":
         return "torch"
-    if requested in ("auto", "tensorrt"):
-        ok, why = tensorrt_status()
-        if ok and torch.device(device).type == "cuda":
-            return "tensorrt"
-        why = why if not ok else "the engine runs on the CPU"
-        log.warning("lipforcing: TensorRT decoder unavailable (%s); using the PyTorch decoder", why)
-        return "torch"
-    ok, why = _onnxruntime_status()
-    if ok:
-        return "onnxruntime"
-    log.warning("lipforcing: onnxruntime decoder unavailable (%s); using the PyTorch decoder", why)
-    return "torch"
+    device_type = torch.device(device).type
+    backend, why = choose_decoder_backend(requested, device_type, probe_decoder_runtimes())
+    if why and (requested != "auto" or device_type == "cuda"):
+        log.warning("lipforcing: decoder backend %s asked for, %s runs (%s)", requested, backend, why)
+    elif why:
+        log.info("lipforcing: decoder backend %s (%s)", backend, why)
+    return backend
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -179,6 +249,12 @@ def make_decoder_backend(
     if chosen == "onnxruntime":
         runner = OnnxStepRunner(onnx_path, device=device, stream=stream)
         log.info("lipforcing: onnxruntime decoder on %s", runner.provider)
+        if torch.device(device).type == "cuda" and runner.provider != "CUDAExecutionProvider":
+            # The CUDA provider is listed but did not load (a missing CUDA/cuDNN library, say): onnxruntime
+            # would decode on the host CPU, which the report would then misname.
+            log.warning("lipforcing: onnxruntime's CUDA provider did not load (the session runs on %s); using "
+                        "the PyTorch decoder", runner.provider)
+            return make_decoder("taehv", taehv=taehv, group_latents=group_latents)
         return CompiledTAEHVDecoder("onnxruntime", runner, taehv.frames_to_trim)
     from .tensorrt_engine import TensorRTRunner, build_or_load_engine
 

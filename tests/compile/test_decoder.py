@@ -8,7 +8,14 @@ import logging
 import pytest
 import torch
 
-from lipforcing.compile.decoder import decoder_onnx, make_decoder_backend, select_decoder_backend, weights_digest
+from lipforcing.compile.decoder import (
+    DecoderRuntimes,
+    choose_decoder_backend,
+    decoder_onnx,
+    make_decoder_backend,
+    select_decoder_backend,
+    weights_digest,
+)
 from lipforcing.compile.tensorrt_engine import engine_cache_key, tensorrt_status
 from lipforcing.engine.codecs.latent import make_decoder, make_encoder
 from lipforcing.engine.codecs.taehv import TAEHV, TAEHVConfig
@@ -39,11 +46,90 @@ def test_missing_tensorrt_falls_back_loudly(caplog):
         pytest.skip("TensorRT is usable here")
     with caplog.at_level(logging.WARNING, logger="lipforcing"):
         assert select_decoder_backend("tensorrt", "cpu") == "torch"
-        assert select_decoder_backend("auto", "cpu") == "torch"
-    assert caplog.text.count("TensorRT decoder unavailable") == 2
+    assert "decoder backend tensorrt asked for, torch runs (TensorRT: " in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lipforcing"):
+        assert select_decoder_backend("auto", "cpu") == "torch"  # a CPU engine's auto: not a fallback
+    assert caplog.text == ""
     assert select_decoder_backend("torch", "cpu") == "torch"
     with pytest.raises(ConfigError, match="unknown decoder backend"):
         select_decoder_backend("magic", "cpu")
+
+
+CUDA_ORT = ("CUDAExecutionProvider", "CPUExecutionProvider")
+CPU_ORT = ("CPUExecutionProvider",)
+
+
+def _host(trt: bool, providers: tuple[str, ...] | None) -> DecoderRuntimes:
+    """A host with or without TensorRT, and onnxruntime with these providers (None: not installed)."""
+    ort = (False, "onnxruntime is not installed") if providers is None else (True, "ok")
+    return DecoderRuntimes(tensorrt=(True, "ok") if trt else (False, "not installed"), onnxruntime=ort,
+                           onnxruntime_providers=providers or ())
+
+
+@pytest.mark.parametrize("requested, device, trt, providers, expected", [
+    # a CUDA engine: TensorRT, else onnxruntime on its CUDA provider, else PyTorch; never the host CPU
+    ("auto", "cuda", True, CUDA_ORT, "tensorrt"),
+    ("auto", "cuda", True, None, "tensorrt"),
+    ("auto", "cuda", False, CUDA_ORT, "onnxruntime"),
+    ("auto", "cuda", False, CPU_ORT, "torch"),
+    ("auto", "cuda", False, None, "torch"),
+    ("onnxruntime", "cuda", True, CPU_ORT, "torch"),
+    ("onnxruntime", "cuda", False, CUDA_ORT, "onnxruntime"),
+    ("tensorrt", "cuda", False, CUDA_ORT, "torch"),
+    ("torch", "cuda", True, CUDA_ORT, "torch"),
+    # a CPU engine: auto stays on PyTorch; onnxruntime's CPU provider when asked for
+    ("auto", "cpu", True, CUDA_ORT, "torch"),
+    ("auto", "cpu", False, CPU_ORT, "torch"),
+    ("onnxruntime", "cpu", False, CPU_ORT, "onnxruntime"),
+    ("onnxruntime", "cpu", False, None, "torch"),
+    ("tensorrt", "cpu", True, CUDA_ORT, "torch"),
+])
+def test_choose_decoder_backend(requested, device, trt, providers, expected):
+    backend, why = choose_decoder_backend(requested, device, _host(trt, providers))
+    assert backend == expected
+    fastest = backend == requested or (requested == "auto" and backend == "tensorrt")
+    assert (why == "") == fastest, why  # every fallback says why
+    if device == "cuda" and providers == CPU_ORT and backend == "torch":
+        assert "no CUDAExecutionProvider" in why and "host CPU" in why
+
+
+def test_auto_on_a_cuda_engine_never_takes_onnxruntime_on_the_host(monkeypatch, caplog):
+    """The host probed as it is (onnxruntime's provider list and TensorRT's status patched), no CUDA tensor made."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    monkeypatch.setattr("lipforcing.compile.decoder.tensorrt_status", lambda: (False, "not installed"))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(CPU_ORT))
+    with caplog.at_level(logging.WARNING, logger="lipforcing"):
+        assert select_decoder_backend("auto", "cuda") == "torch"
+        assert select_decoder_backend("onnxruntime", "cuda") == "torch"
+    assert caplog.text.count("no CUDAExecutionProvider") == 2
+    assert select_decoder_backend("onnxruntime", "cpu") == "onnxruntime"
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(CUDA_ORT))
+    assert select_decoder_backend("auto", "cuda") == "onnxruntime"
+    monkeypatch.setattr("lipforcing.compile.decoder.tensorrt_status", lambda: (True, "ok"))
+    assert select_decoder_backend("auto", "cuda") == "tensorrt"
+
+
+def test_onnxruntime_session_that_lands_on_the_host_falls_back_to_torch(monkeypatch, caplog, tmp_path):
+    """The CUDA provider listed but not loaded (the session runs on the CPU provider): a CUDA engine gets the
+    PyTorch decoder, and its ``backend`` says so."""
+    import lipforcing.compile.onnx_export as onnx_export
+
+    class HostSession:
+        provider = "CPUExecutionProvider"
+
+        def __init__(self, path, device=None, stream=None):
+            pass
+
+    monkeypatch.setattr("lipforcing.compile.decoder.probe_decoder_runtimes",
+                        lambda: _host(False, CUDA_ORT))
+    monkeypatch.setattr("lipforcing.compile.decoder.decoder_onnx", lambda *a, **k: tmp_path / "decoder.onnx")
+    monkeypatch.setattr(onnx_export, "OnnxStepRunner", HostSession)
+    with caplog.at_level(logging.WARNING, logger="lipforcing"):
+        decoder = make_decoder_backend(TAEHV(SMALL).eval(), "auto", latent_hw=(4, 6), device="cuda")
+    assert decoder.backend == "torch"
+    assert "CUDA provider did not load" in caplog.text
 
 
 @pytest.fixture
