@@ -139,6 +139,7 @@ def check_streams(device: torch.device, dtype: torch.dtype, seed: int) -> dict:
     from ..engine.codecs.taehv import TAEHV, TAEHVConfig
     from ..engine.dit.build import random_student
     from ..engine.dit.config import ModelConfig, StreamConfig
+    from ..engine.numerics import built_in
     from ..engine.runtime.pipeline import ChunkPipeline, DeviceStreams
     from ..engine.runtime.static import StaticStudent
 
@@ -148,8 +149,8 @@ def check_streams(device: torch.device, dtype: torch.dtype, seed: int) -> dict:
     stream = StreamConfig.for_resolution(512, 512)
     model = random_student(cfg, device=device, dtype=dtype, seed=seed)
     torch.manual_seed(seed)
-    with torch.device(device):
-        taehv = TAEHV(TAEHVConfig()).to(dtype).eval()
+    with built_in(dtype, device):
+        taehv = TAEHV(TAEHVConfig()).eval()
     inp = _clip_inputs(cfg, stream, device, seed + 2)
     g = torch.Generator().manual_seed(seed + 3)
     crops = [torch.rand(9 if b == 0 else 12, 3, 512, 512, generator=g).to(device) * 2 - 1 for b in range(CHUNKS)]

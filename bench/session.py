@@ -138,7 +138,7 @@ def build_networks(cfg: BenchConfig) -> Networks:
                                        decoder=cfg.decoder))
     from ..engine.codecs.taehv import TAEHV, TAEHVConfig
     from ..engine.codecs.wan_vae import WanVAE, WanVAEConfig
-    from ..engine.numerics import parse_dtype
+    from ..engine.numerics import built_in, parse_dtype
 
     dtype = parse_dtype(cfg.dtype)
     if cfg.ckpt:
@@ -147,9 +147,9 @@ def build_networks(cfg: BenchConfig) -> Networks:
         student = load_student(cfg.ckpt, device=cfg.device, dtype=dtype)
     else:
         student = random_student(ModelConfig.from_name(cfg.model), device=cfg.device, dtype=dtype)
-    with torch.device(cfg.device):
-        vae = WanVAE(WanVAEConfig()).to(dtype).eval() if cfg.encoder == "wan" or cfg.decoder == "wan" else None
-        taehv = TAEHV(TAEHVConfig()).to(dtype).eval()
+    with built_in(dtype, cfg.device):  # no fp32 copy of the codecs' weights either
+        vae = WanVAE(WanVAEConfig()).eval() if cfg.encoder == "wan" or cfg.decoder == "wan" else None
+        taehv = TAEHV(TAEHVConfig()).eval()
     text = torch.randn(1, student.cfg.text_len, student.cfg.text_dim, generator=torch.Generator().manual_seed(0))
     audio = _RandomAudioFeatures(student.cfg.audio_dim, torch.device(cfg.device))
     return Networks(student, vae, taehv, audio, text)

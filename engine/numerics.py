@@ -2,10 +2,14 @@
 
     dtype = parse_dtype("bf16")              # bf16 | fp16 | fp32 -> torch dtype (ConfigError otherwise)
     dtype_name(torch.bfloat16)               # "bf16"
+    with built_in(torch.bfloat16, "cuda"):   # modules made here are born bf16 on the GPU (no fp32 copy)
+        vae = WanVAE(WanVAEConfig())
     err = rel_error(out, ref)                # ||out - ref|| / ||ref|| in float64 (golden checks, tests)
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -20,6 +24,19 @@ def parse_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+@contextlib.contextmanager
+def built_in(dtype: torch.dtype, device: torch.device | str):
+    """Modules constructed inside are created directly in ``dtype`` on ``device`` (their default initialisation
+    runs there): no float32 copy on the host first. Restores the default dtype on exit."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

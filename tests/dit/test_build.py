@@ -50,3 +50,17 @@ def test_load_into_casts_a_checkpoint_tensor_by_tensor():
     assert live.live == weights and live.peak <= weights + _largest_tensor_bytes(cfg, torch.bfloat16)
     for name, p in model.named_parameters():
         assert torch.equal(p, state[name].to(torch.bfloat16)), name
+
+
+def test_codecs_built_in_the_target_dtype_have_no_fp32_copy():
+    """``numerics.built_in`` (the benchmark's and device check's codecs): TAEHV is born bf16, its peak is its
+    bf16 weights plus at most one tensor's initialisation workspace, never the fp32 model."""
+    from lipforcing.engine.codecs.taehv import TAEHV, TAEHVConfig
+    from lipforcing.engine.numerics import built_in
+
+    with LiveBytes(device="cpu") as live, built_in(torch.bfloat16, "cpu"):
+        taehv = TAEHV(TAEHVConfig())
+    weights = sum(p.nbytes for p in taehv.parameters()) + sum(b.nbytes for b in taehv.buffers())
+    largest = max(p.numel() for p in taehv.parameters()) * 4
+    assert {p.dtype for p in taehv.parameters()} == {torch.bfloat16} and torch.get_default_dtype() == torch.float32
+    assert live.peak <= weights + largest < 2 * weights, (live.peak, weights)
