@@ -10,6 +10,8 @@ this module ties each fast path to the reference path on the same device, on fre
   backend (float64 RoPE + PyTorch SDPA), the streaming sampler over every window shape (chunk 0, chunk 1,
   steady state), per model width. Reported: relative L2 error of x0 per chunk (bf16 operands: ~1e-2 is
   rounding; what matters is that it stays flat across chunks, where a wrong cache or RoPE position would grow).
+- ``sdpa``: the sdpa backend (the window rotated once per call, PyTorch SDPA or flash-attn) against the same
+  reference, with the same bound.
 - ``graphs``: the static scheduler replayed from CUDA graphs against the same scheduler run eagerly (the same
   kernels: equal up to autotuning picking another tile between the two), and against the reference sampler.
 - ``streams``: the chunk pipeline on three device streams against the same pipeline run in turn, with the
@@ -113,6 +115,11 @@ def check_model(name: str, layers: int, device: torch.device, dtype: torch.dtype
         triton.warm_up(inp["text"])
         got, entry["triton_chunk_ms"] = _student_chunks(triton, inp, device)
         entry["kernels_rel_err"] = _errors(got, ref)
+    sdpa = StreamingSampler(model, stream, backend="sdpa", seed=seed)
+    sdpa.warm_up(inp["text"])
+    got, entry["sdpa_chunk_ms"] = _student_chunks(sdpa, inp, device)
+    entry["sdpa_rel_err"] = _errors(got, ref)
+    del sdpa
     backend = "triton" if triton is not None else "reference"
     eager = StaticStudent(model, stream, backend=backend, seed=seed, cuda_graphs=False)
     eager.warm_up(inp["text"])
@@ -183,8 +190,8 @@ def check_streams(device: torch.device, dtype: torch.dtype, seed: int) -> dict:
 def _failures(document: dict, dtype: torch.dtype) -> list[str]:
     failures = []
     for entry in document["models"]:
-        for key, bound_key in (("kernels_rel_err", "kernels"), ("graphs_rel_err", "graphs"),
-                               ("static_vs_reference_rel_err", "kernels")):
+        for key, bound_key in (("kernels_rel_err", "kernels"), ("sdpa_rel_err", "kernels"),
+                               ("graphs_rel_err", "graphs"), ("static_vs_reference_rel_err", "kernels")):
             worst = max(entry.get(key, [0.0]))
             if not worst <= BOUNDS[bound_key][dtype]:  # NaN fails too
                 failures.append(f"{entry['model']}: {key} {worst:.3e} > {BOUNDS[bound_key][dtype]:.0e}")
@@ -227,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         document["models"].append(entry)
         _write(document, args.out)
         times = {k: statistics.median(v) for k, v in entry.items() if k.endswith("_chunk_ms")}
-        print(f"{name}: kernels {entry.get('kernels_rel_err')} graphs {entry.get('graphs_rel_err')} "
+        print(f"{name}: kernels {entry.get('kernels_rel_err')} sdpa {entry['sdpa_rel_err']} "
+              f"graphs {entry.get('graphs_rel_err')} "
               f"static {entry['static_vs_reference_rel_err']} | median ms/chunk "
               + ", ".join(f"{k.removesuffix('_chunk_ms')} {v:.1f}" for k, v in times.items()), flush=True)
     document["streams"] = check_streams(device, dtype, args.seed)

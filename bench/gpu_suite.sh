@@ -21,13 +21,14 @@
 #                                                 50 ms x ~5 variants x 6 shapes + 16 elementwise timings
 #   2+3 triton / graphs / streams  ~40 s   60 s  2-block models at 1.3B and 14B width: 3 chunks x 4 students,
 #                                                 3 graph shapes each; TAEHV pipeline at 512x512 twice
-#   4 session bench 1.3B           ~60 s  100 s  5 variants x (warm-up <= 10 s + 8 chunks x ~0.35 s); model build 5 s
+#   4 session bench 1.3B           ~75 s  100 s  6 variants (+decoder: the same path as +streams without TensorRT)
+#                                                 x (warm-up <= 10 s + 10 chunks x ~0.35 s); model build 5 s
 #   5 session bench 14B            ~70 s   90 s  28.6 GB built in place (~2 s); 3 variants x (warm-up ~10 s +
 #                                                 6 chunks x ~1 s at 278 TFLOP per chunk)
 #   6 sessions per GPU (1.3B)      ~50 s   70 s  avatar of 33 frames; 1, 2, 4, 8 sessions: warm-up captures
 #                                                 rows x shapes graphs (<= 31 at 8), 8 chunks each
-#   7 quality gate (1.3B)          ~35 s   50 s  reference twice + 3 fast variants, 3 chunks at 480x640
-#   total                         ~290 s  415 s  (+ ~5 s of preamble) <= 420 s: room to rerun in 15 minutes
+#   7 quality gate (1.3B)          ~40 s   50 s  reference twice + 4 fast variants, 3 chunks at 480x640
+#   total                         ~310 s  415 s  (+ ~5 s of preamble) <= 420 s: room to rerun in 15 minutes
 set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/.."
@@ -102,7 +103,7 @@ step "5 session bench 14B" 90 "${LF[@]}" bench "${MODEL_LARGE[@]}" --chunks "$CH
 step "6 sessions per GPU" 70 "${LF[@]}" bench "${MODEL_SMALL[@]}" --avatar --sessions "$SESSIONS" \
     --chunks "$CHUNKS_SESSIONS" --quiet --out "$OUT/$device-sessions-1.3b.json"
 step "7 quality gate" 50 "${LF[@]}" bench "${MODEL_SMALL[@]}" --chunks 1 --quality --max-quality-drop 1 \
-    --variants reference,+kernels,+graphs,+streams --quiet --frame-size "$QUALITY_FRAME" --out "$OUT/$device-quality-1.3b.json"
+    --variants reference,+kernels,+graphs,+streams,+sdpa --quiet --frame-size "$QUALITY_FRAME" --out "$OUT/$device-quality-1.3b.json"
 golden=("${LIPFORCING_SHARED:-../shared}"/golden/*.safetensors)
 if [ ${#golden[@]} -gt 0 ]; then
     dev=$([ $DRY = 1 ] && echo cpu || echo cuda)

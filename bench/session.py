@@ -19,6 +19,8 @@ The ablation adds one piece of the fast path at a time (the last one is what ``l
     +graphs     the static scheduler: static buffers, one CUDA graph per window shape
     +streams    the chunk pipeline: encode | student | decode on device streams, worker threads
     +decoder    the TAEHV decoder on TensorRT (onnxruntime where TensorRT cannot run)
+    +sdpa       the same fast path with the sdpa attention backend (PyTorch SDPA / flash-attn over a window
+                rotated once per call) instead of the Triton attention: the production alternative
 
 A piece that cannot run here (no CUDA, no Triton, no backend decoder) is named in the variant's ``skipped``
 field; the variant is then measured without it when that still changes the path, else left out. What
@@ -61,6 +63,8 @@ ABLATION: dict[str, dict] = {
     "+streams": dict(scheduler="static", pipeline="streams", backend="triton", decoder_backend="torch"),
     "+decoder": dict(scheduler="static", pipeline="streams", backend="triton", decoder_backend="best"),
 }
+# The production alternative to the Triton attention: the whole fast path with the sdpa backend instead.
+ABLATION["+sdpa"] = dict(scheduler="static", pipeline="streams", backend="sdpa", decoder_backend="best")
 COMPILED = {"+compile": dict(scheduler="static", pipeline="streams", backend="triton", decoder_backend="best",
                              compile=True)}
 

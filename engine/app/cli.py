@@ -1,6 +1,6 @@
 """The ``lipforcing`` command line: the registry of subcommands and the engine's own commands.
 
-    lipforcing check-reference GOLDEN.safetensors... [--device cpu|cuda] [--backend reference|triton]
+    lipforcing check-reference GOLDEN.safetensors... [--device cpu|cuda] [--backend reference|triton|sdpa]
     lipforcing info --model 1.3b|14b [--height 512 --width 512] [--memory] [--json]
     lipforcing convert IN.pth OUT.safetensors
     lipforcing run VIDEO [--audio AUDIO] -o OUT.mp4 [--model 14b --ckpt ... --vae ... --taehv ...] [--report R.json]
@@ -47,7 +47,7 @@ def _check_reference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="golden .safetensors files: streaming (lipforcing-golden/1) or training "
                                             "(lipforcing-golden-train/1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--backend", default="reference", choices=["reference", "triton"])
+    p.add_argument("--backend", default="reference", choices=["reference", "triton", "sdpa"])
     p.set_defaults(run=_check_reference)
 
 
@@ -204,7 +204,9 @@ def add_engine_options(p: argparse.ArgumentParser, *, model_default: str = "14b"
     p.add_argument("--decoder", default="taehv", choices=["taehv", "wan"])
     p.add_argument("--decoder-group-latents", type=int, default=1,
                    help="decode this many latents at a time (default 1, the released procedure; 0: whole chunks)")
-    p.add_argument("--backend", default=None, choices=["reference", "triton"], help="student kernels")
+    p.add_argument("--backend", default=None, choices=["reference", "triton", "sdpa"],
+                   help="student attention and kernels: reference, triton (fused kernels) or sdpa (PyTorch SDPA / "
+                        "flash-attn over a pre-rotated window)")
     p.add_argument("--scheduler", default="static", choices=["static", "reference"],
                    help="static buffers + CUDA graphs (default) or the plain reference loop")
     p.add_argument("--pipeline", default=None, choices=["streams", "sequential"],

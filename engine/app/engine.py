@@ -88,7 +88,7 @@ class RunConfig:
     cuda_graphs: bool | None = None
     """Replay the static scheduler's chunks from CUDA graphs (default: on CUDA)."""
     backend: str | None = None
-    """Student kernels: reference or triton (default: triton on CUDA when available)."""
+    """Student kernels: reference, triton or sdpa (default: triton on CUDA when available)."""
     compile: bool = False
     """torch.compile each of the student's calls once per window shape (static scheduler)."""
     face_box: tuple[float, float, float, float] | None = None

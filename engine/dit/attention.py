@@ -8,7 +8,11 @@ Backends (``resolve_backend``):
     reference  RoPE in float64, then PyTorch ``scaled_dot_product_attention`` over cache + live keys
     triton     the fused sink+window attention kernel with in-register dynamic RoPE (lipforcing.kernels):
                the cache is read in place, never rotated, copied or concatenated
-The override ``LIPFORCING_BACKEND=reference|triton`` wins over the default, which is ``triton`` on CUDA
+    sdpa       the production alternative: each call rotates the window's keys once, in float32 from a
+               precomputed cos/sin table, into a preallocated window buffer (the live keys written into their
+               slots: no concatenation, no new buffer, CUDA-graph safe), then PyTorch SDPA (flash / cuDNN on
+               Hopper), or flash-attn 3 / 2 when importable on CUDA
+The override ``LIPFORCING_BACKEND=reference|triton|sdpa`` wins over the default, which is ``triton`` on CUDA
 when Triton is importable and ``reference`` otherwise. The engine logs which one runs.
 """
 
@@ -27,7 +31,7 @@ from .config import ModelConfig, StreamConfig
 
 log = logging.getLogger("lipforcing")
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "sdpa")
 
 
 def resolve_backend(requested: str | None, device: torch.device | str) -> str:
@@ -66,8 +70,19 @@ class RopeTable:
         self.theta = model.rope_theta
         positions = torch.arange(stream.window_frames, device=device)
         self.angles = rope_angles(positions, self.rows, self.cols, self.pairs, self.theta)  # [W*T, D/2]
+        self.cos = self.angles.cos().float()  # [W*T, D/2] float32: the sdpa backend's table
+        self.sin = self.angles.sin().float()
         self._positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._windows: dict[tuple, WindowBuffers] = {}
         self.device = device
+
+    def window_buffers(self, k: torch.Tensor) -> WindowBuffers:
+        """The sdpa backend's buffers for live keys like ``k`` [B, Lq, H, D], made once per (B, H, D, dtype)."""
+        b, _, h, d = k.shape
+        key = (b, h, d, k.dtype)
+        if key not in self._windows:
+            self._windows[key] = WindowBuffers(b, self.angles.shape[0], h, d, k.dtype, k.device)
+        return self._windows[key]
 
     def keys(self, plan: ChunkPlan) -> torch.Tensor:
         return self.angles[: (plan.num_cached + plan.chunk_frames) * self.tokens]
@@ -83,6 +98,46 @@ class RopeTable:
             c = torch.tensor(plan.cache_positions, dtype=torch.int32, device=self.device)
             self._positions[key] = (q, c)
         return self._positions[key]
+
+
+class WindowBuffers:
+    """Preallocated tensors of the sdpa backend for a whole window (the largest a call can see): rotated keys
+    and values in window order [B, W*T, H, D], rotated queries [B, W*T, H, D] (a prefix is used), and float32
+    scratch for the rotation [2, B, W*T, H, D/2]. Every call of every layer reuses them."""
+
+    def __init__(self, batch: int, tokens: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        shape = (batch, tokens, heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.q = torch.empty(shape, dtype=dtype, device=device)
+        self.scratch = torch.empty((2, batch, tokens, heads, head_dim // 2), dtype=torch.float32, device=device)
+
+
+def rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
+                scratch: torch.Tensor) -> None:
+    """RoPE of pairs (2j, 2j+1) in float32 from a table, written into ``out`` (x's dtype); no new tensors.
+    x, out: [B, L, H, D]; cos, sin: [L, D/2] float32; scratch: float32 [2, >=B, >=L, H, D/2]."""
+    b, l = x.shape[:2]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    c, s = cos[None, :, None], sin[None, :, None]
+    re, im = scratch[0, :b, :l], scratch[1, :b, :l]
+    torch.mul(even, c, out=re)
+    re.addcmul_(odd, s, value=-1.0)  # x_e cos - x_o sin
+    torch.mul(even, s, out=im)
+    im.addcmul_(odd, c)  # x_e sin + x_o cos
+    out[..., 0::2].copy_(re)
+    out[..., 1::2].copy_(im)
+
+
+def _flash_attention():
+    """flash-attn 3's or 2's function on [B, L, H, D] inputs, or None when neither is importable."""
+    for module in ("flash_attn_interface", "flash_attn"):
+        try:
+            return __import__(module).flash_attn_func
+        except (ImportError, AttributeError):
+            continue
+    return None
 
 
 class StreamingAttention:
@@ -109,6 +164,8 @@ class StreamingAttention:
                 q, k, v, k_cached, v_cached, q_pos, cache_pos,
                 (self.rope.rows, self.rope.cols), self.rope.pairs, self.rope.theta,
             )
+        elif self.backend == "sdpa":
+            out = self._sdpa_window(q, k, v, k_cached, v_cached)
         else:
             keys = torch.cat([k_cached, k], dim=1)  # [B, Lk, H, D], window order
             values = torch.cat([v_cached, v], dim=1)
@@ -118,8 +175,29 @@ class StreamingAttention:
             self.cache.write_layer(layer, self.plan, k, v)
         return out
 
+    def _sdpa_window(self, q, k, v, k_cached, v_cached) -> torch.Tensor:
+        """The sdpa backend: rotate the cached and live keys once into the window buffer, then attend."""
+        buf = self.rope.window_buffers(k)
+        n, lq = k_cached.shape[1], q.shape[1]
+        lk = n + lq
+        rope = self.rope
+        rotate_into(k_cached, rope.cos[:n], rope.sin[:n], buf.k[:, :n], buf.scratch)
+        rotate_into(k, rope.cos[n:lk], rope.sin[n:lk], buf.k[:, n:lk], buf.scratch)
+        rotate_into(q, rope.cos[n:lk], rope.sin[n:lk], buf.q[:, :lq], buf.scratch)
+        buf.v[:, :n].copy_(v_cached)
+        buf.v[:, n:lk].copy_(v)
+        qr, kr, vr = buf.q[:, :lq], buf.k[:, :lk], buf.v[:, :lk]
+        flash = _FLASH if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+        if flash is not None:
+            out = flash(qr, kr, vr)
+            return out[0] if isinstance(out, tuple) else out  # flash-attn 3 also returns the softmax LSE
+        return sdpa(qr, kr, vr)
+
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """[B, L, H, D] layout around PyTorch's scaled_dot_product_attention."""
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return o.transpose(1, 2)
+
+
+_FLASH = _flash_attention()

@@ -8,9 +8,10 @@ from lipforcing.cli import main
 from lipforcing.engine.tools.golden import PASS_BOUND, check_golden, load_golden
 
 
-def test_every_golden_file_matches(golden_files):
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_every_golden_file_matches(golden_files, backend):
     for path in golden_files:
-        report = check_golden(path, backend="reference")
+        report = check_golden(path, backend=backend)
         assert set(report.errors) == {"first_call_flow", "x0_step0", "x0_step0/worst_chunk", "x0", "x0/worst_chunk"}
         for name, err in report.errors.items():
             # a correct float32 engine lands near 1e-6; 1e-4 is the contract's bound
