@@ -17,18 +17,21 @@
 # Time plan on one H100 (random weights at real shapes; 1.3B: 36 TFLOP per chunk, 14B: 278 TFLOP per chunk,
 # `lipforcing info`; Triton compiles ~2-4 s per kernel config, CUDA-graph capture ~0.1 s per (rows, shape)):
 #   step                         expected  cap   what dominates
-#   1 kernels at real shapes       ~35 s   45 s  6 attention configs + 4 elementwise kernels compiled, do_bench
+#   1 kernels at real shapes       ~30 s   40 s  6 attention configs + 4 elementwise kernels compiled, do_bench
 #                                                 50 ms x ~5 variants x 6 shapes + 16 elementwise timings
-#   2+3 triton / graphs / streams  ~40 s   60 s  2-block models at 1.3B and 14B width: 3 chunks x 4 students,
-#                                                 3 graph shapes each; TAEHV pipeline at 512x512 twice
-#   4 session bench 1.3B           ~75 s  100 s  6 variants (+decoder: the same path as +streams without TensorRT)
+#   1b attention backends (tune)   ~12 s   30 s  reference / sdpa / triton x 3 window shapes x 2 models x 11
+#                                                 calls of ~1 ms (Triton tuned in step 1); the table is printed
+#                                                 into suite.log and used by nothing after (variants name theirs)
+#   2+3 triton / sdpa / graphs /   ~40 s   55 s  2-block models at 1.3B and 14B width: 3 chunks x 5 students,
+#       streams                                   3 graph shapes each; TAEHV pipeline at 512x512 twice
+#   4 session bench 1.3B           ~75 s   90 s  6 variants (+decoder: the same path as +streams without TensorRT)
 #                                                 x (warm-up <= 10 s + 10 chunks x ~0.35 s); model build 5 s
-#   5 session bench 14B            ~70 s   90 s  28.6 GB built in place (~2 s); 3 variants x (warm-up ~10 s +
+#   5 session bench 14B            ~70 s   85 s  28.6 GB built in place (~2 s); 3 variants x (warm-up ~10 s +
 #                                                 6 chunks x ~1 s at 278 TFLOP per chunk)
-#   6 sessions per GPU (1.3B)      ~50 s   70 s  avatar of 33 frames; 1, 2, 4, 8 sessions: warm-up captures
-#                                                 rows x shapes graphs (<= 31 at 8), 8 chunks each
+#   6 sessions per GPU (1.3B)      ~50 s   65 s  avatar of 33 frames; 1, 2, 4, 8 sessions: warm-up runs every
+#                                                 (rows, shape) the sessions will (<= 45 graphs at 8), 8 chunks each
 #   7 quality gate (1.3B)          ~40 s   50 s  reference twice + 4 fast variants, 3 chunks at 480x640
-#   total                         ~310 s  415 s  (+ ~5 s of preamble) <= 420 s: room to rerun in 15 minutes
+#   total                         ~320 s  415 s  (+ ~5 s of preamble) <= 420 s: room to rerun in 15 minutes
 set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/.."
@@ -57,14 +60,14 @@ if [ $DRY = 1 ]; then
     MODEL_SMALL=(--model tiny --device cpu --frame-size 240x320)
     MODEL_LARGE=("${MODEL_SMALL[@]}")
     CHECK=(--models tiny --size 64)
-    CHUNKS_13=1 CHUNKS_14=1 CHUNKS_SESSIONS=1 SESSIONS=1,2 QUALITY_FRAME=240x320
+    CHUNKS_13=1 CHUNKS_14=1 CHUNKS_SESSIONS=1 SESSIONS=1,2 QUALITY_FRAME=240x320 TUNE_MODELS=tiny
 else
     device=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || exit 2
     cap() { echo "$1"; }
     MODEL_SMALL=(--model 1.3b)
     MODEL_LARGE=(--model 14b)
     CHECK=(--models 1.3b,14b --layers 2)
-    CHUNKS_13=8 CHUNKS_14=4 CHUNKS_SESSIONS=6 SESSIONS=1,2,4,8 QUALITY_FRAME=480x640
+    CHUNKS_13=8 CHUNKS_14=4 CHUNKS_SESSIONS=6 SESSIONS=1,2,4,8 QUALITY_FRAME=480x640 TUNE_MODELS=1.3b,14b
 fi
 
 {
@@ -92,15 +95,16 @@ step() {  # step NAME CAP_S COMMAND...: run with a time cap, log everything, rem
 }
 LF=("$PYTHON" -m lipforcing.cli)
 
-step "1 kernels at real shapes" 45 "$PYTHON" -m lipforcing.bench.bench_kernels --rep-ms 50 --no-compile \
+step "1 kernels at real shapes" 40 "$PYTHON" -m lipforcing.bench.bench_kernels --rep-ms 50 --no-compile \
     --out "$OUT/$device-kernels.json"
-step "2+3 triton, graphs, streams" 60 "$PYTHON" -m lipforcing.bench.device_check "${CHECK[@]}" \
+step "1b attention backends measured" 30 "${LF[@]}" kernels --tune --model "$TUNE_MODELS" --repeats 10 --json
+step "2+3 triton, graphs, streams" 55 "$PYTHON" -m lipforcing.bench.device_check "${CHECK[@]}" \
     --out "$OUT/$device-device-check.json"
-step "4 session bench 1.3B" 100 "${LF[@]}" bench "${MODEL_SMALL[@]}" --chunks "$CHUNKS_13" --quiet \
+step "4 session bench 1.3B" 90 "${LF[@]}" bench "${MODEL_SMALL[@]}" --chunks "$CHUNKS_13" --quiet \
     --out "$OUT/$device-bench-1.3b.json"
-step "5 session bench 14B" 90 "${LF[@]}" bench "${MODEL_LARGE[@]}" --chunks "$CHUNKS_14" --quiet \
+step "5 session bench 14B" 85 "${LF[@]}" bench "${MODEL_LARGE[@]}" --chunks "$CHUNKS_14" --quiet \
     --variants reference,+kernels,+streams --out "$OUT/$device-bench-14b.json"
-step "6 sessions per GPU" 70 "${LF[@]}" bench "${MODEL_SMALL[@]}" --avatar --sessions "$SESSIONS" \
+step "6 sessions per GPU" 65 "${LF[@]}" bench "${MODEL_SMALL[@]}" --avatar --sessions "$SESSIONS" \
     --chunks "$CHUNKS_SESSIONS" --quiet --out "$OUT/$device-sessions-1.3b.json"
 step "7 quality gate" 50 "${LF[@]}" bench "${MODEL_SMALL[@]}" --chunks 1 --quality --max-quality-drop 1 \
     --variants reference,+kernels,+graphs,+streams,+sdpa --quiet --frame-size "$QUALITY_FRAME" --out "$OUT/$device-quality-1.3b.json"

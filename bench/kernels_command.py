@@ -3,10 +3,15 @@ CPU, at the engine's real shapes, with registers, spills, shared memory, CTAs pe
 MUFU and copy instructions of its SASS (``lipforcing.kernels.static_report``).
 
     lipforcing kernels --static [--arch sm_90a] [--json] [--dtypes bf16,fp16,fp32] [--model 1.3b,14b]
+    lipforcing kernels --tune [--model 1.3b,14b] [--device cuda] [--dtype bf16] [--json]
 
 The shapes come from the engine's presets (``ModelConfig``, ``StreamConfig`` at --height x --width): one
 chunk's queries and every window shape's cached keys. No GPU is needed; Triton's wheel brings ptxas and
 cuobjdump. Compiled binaries land in TRITON_CACHE_DIR, so a second run is quick; a fresh cache works too.
+
+``--tune`` times the attention backends (reference, sdpa and, where its kernels run, triton) on this device at
+the same shapes and stores the winner per shape in the user cache (``engine.dit.tuning``); ``--backend auto``
+(the default) then runs what won here.
 """
 
 from __future__ import annotations
@@ -62,6 +67,12 @@ def _names(text: str, option: str) -> list[str]:
 def _kernels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static", action="store_true",
                    help="registers, spills, shared memory, CTAs/SM, wgmma / MUFU / cp.async / TMA counts, no GPU")
+    p.add_argument("--tune", action="store_true",
+                   help="time the attention backends on this device at the model's shapes; auto then uses the winner")
+    p.add_argument("--device", default=None, help="with --tune: default cuda when available, else cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="with --tune: default bf16 on CUDA, fp32 on a CPU")
+    p.add_argument("--repeats", type=int, default=20, help="with --tune: timed calls per backend and shape")
     p.add_argument("--arch", default="sm_90a", help=f"one of {', '.join(l.name for l in SM_LIMITS.values())}")
     p.add_argument("--model", default="1.3b,14b", help="presets, comma-separated")
     p.add_argument("--dtypes", default="bf16,fp16,fp32", help="compute dtypes, comma-separated")
@@ -74,8 +85,11 @@ def _kernels_args(p: argparse.ArgumentParser) -> None:
 
 
 def _kernels(args: argparse.Namespace) -> int:
-    if not args.static:
-        raise ConfigError("lipforcing kernels reports one thing so far: add --static")
+    if args.static == args.tune:
+        raise ConfigError("lipforcing kernels takes one of --static (compile and read the binaries, no GPU) or "
+                          "--tune (time the attention backends on this device)")
+    if args.tune:
+        return _tune(args)
     try:
         parse_arch(args.arch)
         stream = StreamConfig.for_resolution(args.height, args.width)
@@ -119,3 +133,40 @@ def _kernels(args: argparse.Namespace) -> int:
     print("\nCTAs per SM:")
     print(format_occupancy(rows))
     return 0 if all(row.facts.compiled for row in rows) else 1
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..engine.dit.tuning import measure_attention, save_measurements
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but CUDA is not available")
+    if args.repeats < 1:
+        raise ConfigError("--repeats must be at least 1")
+    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    try:
+        stream = StreamConfig.for_resolution(args.height, args.width)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    document = {"command": "kernels --tune", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                "timing": "median ms of one layer's streaming self-attention call, after one untimed call",
+                "models": {}}
+    for name in _names(args.model, "--model"):
+        try:
+            cfg = ModelConfig.from_name(name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        rows = measure_attention(cfg, stream, device, dtype, repeats=args.repeats)
+        document["models"][name] = rows
+        if not args.json:
+            for row in rows:
+                cells = ", ".join(f"{b} {ms:.3f} ms" for b, ms in row["ms"].items())
+                print(f"{name} Lq {row['lq']} Lc {row['lc']}: {cells} -> {row['winner']}")
+        document["table"] = str(save_measurements(rows, device))
+    if args.json:
+        print(json.dumps(document))
+    else:
+        print(f"stored in {document['table']}: --backend auto now takes the fastest on these shapes here")
+    return 0

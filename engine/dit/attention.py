@@ -34,14 +34,25 @@ log = logging.getLogger("lipforcing")
 BACKENDS = ("reference", "triton", "sdpa")
 
 
-def resolve_backend(requested: str | None, device: torch.device | str) -> str:
+def resolve_backend(requested: str | None, device: torch.device | str, *, model: ModelConfig | None = None,
+                    stream: StreamConfig | None = None, dtype: torch.dtype | None = None) -> str:
     """Pick the attention/kernel backend for a model on ``device``: explicit request > LIPFORCING_BACKEND >
-    device default. ``triton`` is checked against ``device`` (where the tensors are), not against the host:
-    a CPU model on a host with a GPU cannot run the kernels (outside the interpreter)."""
+    auto. ``auto`` takes what ``lipforcing kernels --tune`` measured fastest on this device for the model's
+    shapes (``model``, ``stream`` and ``dtype`` given), else triton on CUDA when available, else reference.
+    ``triton`` is checked against ``device`` (where the tensors are), not against the host: a CPU model on a
+    host with a GPU cannot run the kernels (outside the interpreter)."""
     from ...kernels import triton_available
 
     name = requested or os.environ.get("LIPFORCING_BACKEND") or "auto"
     device = torch.device(device)
+    if name == "auto" and None not in (model, stream, dtype) and device.type != "meta":
+        from .tuning import tuned_backend
+
+        measured = tuned_backend(model, stream, device, dtype)
+        if measured is not None:
+            log.info("lipforcing: attention backend %s, measured fastest here by lipforcing kernels --tune",
+                     measured)
+            name = measured
     if name == "auto":
         name = "reference"
         if device.type == "cuda":

@@ -76,7 +76,7 @@ class StreamingSampler:
         self.model, self.stream = model, stream
         cfg = model.cfg
         self.device = model.patch_embedding.weight.device
-        self.backend = resolve_backend(backend, self.device)
+        self.backend = resolve_backend(backend, self.device, model=model.cfg, stream=stream, dtype=model.dtype)
         log.info("lipforcing: attention backend %s on %s (%s)", self.backend, self.device, model.dtype)
         self.cache = SinkWindowCache(cfg, stream, batch=batch, device=self.device, dtype=model.dtype)
         self.rope = RopeTable(cfg, stream, self.device)

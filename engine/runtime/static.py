@@ -102,7 +102,7 @@ class StaticStudent:
             raise ConfigError(f"the scheduler needs at least one session slot, got {slots}")
         self.model, self.stream, self.slots = model, stream, slots
         self.device = model.patch_embedding.weight.device
-        self.backend = resolve_backend(backend, self.device)
+        self.backend = resolve_backend(backend, self.device, model=model.cfg, stream=stream, dtype=model.dtype)
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
