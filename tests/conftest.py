@@ -37,6 +37,22 @@ def in_threads(work, count: int, timeout: float) -> list[BaseException]:
         t.join(timeout=timeout)
     return errors
 
+def random_clip(cfg, latent_hw: tuple[int, int], latents: int, seed: int, text_seed: int = 99) -> dict:
+    """Random inputs of one clip for the student's schedulers: text [1, text_len, 4096] (from ``text_seed``: one
+    text shared by clips), audio [1, 1 + 4 (latents - 1), audio_dim], ref [1, 16, 1, h, w], mask [1, 1, 1, h, w]
+    in {0, 1}, masked and ref_seq [1, 16, latents, h, w]."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = latent_hw
+    return dict(
+        text=torch.randn(1, cfg.text_len, 4096, generator=torch.Generator().manual_seed(text_seed)),
+        audio=torch.randn(1, 1 + 4 * (latents - 1), cfg.audio_dim, generator=g),
+        ref=torch.randn(1, 16, 1, h, w, generator=g),
+        mask=(torch.rand(1, 1, 1, h, w, generator=g) > 0.5).float(),
+        masked=torch.randn(1, 16, latents, h, w, generator=g),
+        ref_seq=torch.randn(1, 16, latents, h, w, generator=g),
+    )
+
+
 # Relative-error tolerances keyed by dtype. fp32 arithmetic on the tested sizes lands near 1e-6;
 # fp16 keeps 11 mantissa bits (~5e-4 per op); bf16 keeps 8 (~4e-3 per op). Bounds leave ~10x headroom.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import in_threads
+from conftest import in_threads, random_clip
 from lipforcing.engine.dit.build import random_student
 from lipforcing.engine.dit.config import ModelConfig, StreamConfig
 from lipforcing.engine.errors import ConfigError
@@ -25,16 +25,7 @@ def model():
 
 
 def _clip(seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    latents = 3 * CHUNKS
-    return dict(
-        text=torch.randn(1, CFG.text_len, 4096, generator=torch.Generator().manual_seed(99)),  # one text for all
-        audio=torch.randn(1, 1 + 4 * (latents - 1), CFG.audio_dim, generator=g),
-        ref=torch.randn(1, 16, 1, 4, 6, generator=g),
-        mask=(torch.rand(1, 1, 1, 4, 6, generator=g) > 0.5).float(),
-        masked=torch.randn(1, 16, latents, 4, 6, generator=g),
-        ref_seq=torch.randn(1, 16, latents, 4, 6, generator=g),
-    )
+    return random_clip(CFG, (4, 6), 3 * CHUNKS, seed)
 
 
 def _start(student, slot, clip):
