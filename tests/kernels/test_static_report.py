@@ -141,7 +141,7 @@ def test_command_prints_json_from_the_warm_cache(rows, cache_dir, monkeypatch, c
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["kernels"], "add --static"),
+    (["kernels"], "one of --static"),
     (["kernels", "--static", "--arch", "sm_75"], "sm_75"),
     (["kernels", "--static", "--kernels", "softmax"], "softmax"),
     (["kernels", "--static", "--dtypes", "fp8"], "fp8"),
