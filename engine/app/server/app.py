@@ -188,7 +188,13 @@ class Connection:
                     else:
                         started = await self._binary(protocol.decode_binary(data))
                 except protocol.ProtocolError as exc:
+                    log.info("lipforcing serve: connection %s: malformed message: %s", self.id, exc)
                     await self.send_text(protocol.error("malformed", str(exc)))
+                    continue
+                except Exception as exc:  # a message the checks above let through: one line, not a traceback
+                    log.warning("lipforcing serve: connection %s: a message failed: %r", self.id, exc,
+                                exc_info=log.isEnabledFor(logging.INFO))  # the traceback with -v
+                    await self._refuse("internal", "the server could not handle that message")
                     continue
                 if started:
                     sender = asyncio.create_task(self._send_outputs())
@@ -247,7 +253,7 @@ class Connection:
         self.params = dict(lookahead=lookahead, sample_rate=rate)
         if "upload" in message:
             kind, size = message.get("upload"), message.get("bytes")
-            if kind not in ("avatar", "video") or not isinstance(size, int) or size <= 0:
+            if kind not in ("avatar", "video") or isinstance(size, bool) or not isinstance(size, int) or size <= 0:
                 raise protocol.ProtocolError('"upload" is "avatar" or "video", with "bytes": a positive size')
             if size > opts.max_upload_bytes:
                 await self._refuse("too_large", f"an upload of {size} bytes; at most {opts.max_upload_bytes}")
@@ -256,6 +262,8 @@ class Connection:
             self.upload = dict(kind=kind, bytes=size, received=0, path=path, file=open(path, "wb"))  # noqa: SIM115
             return False
         name = message.get("avatar")
+        if not isinstance(name, str):
+            raise protocol.ProtocolError('"start" names an "avatar" (a string) or announces an "upload"')
         if name not in state.avatars:
             await self._refuse("bad_avatar", f"no avatar {name!r} here; the server has {sorted(state.avatars)}")
             return False
@@ -397,8 +405,12 @@ def build_app(options: ServerOptions):
 
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # (nested too deep for the parser)
             return JSONResponse({"error": "the offer must be JSON: {sdp, type, avatar}"}, status_code=400)
-        return await answer_offer(state, body)
+        try:
+            return await answer_offer(state, body)
+        except Exception as exc:  # an offer the checks let through: one line, not a traceback
+            log.warning("lipforcing serve: a WebRTC offer failed: %r", exc, exc_info=log.isEnabledFor(logging.INFO))
+            return JSONResponse({"error": "the server could not answer the offer"}, status_code=500)
 
     return app
