@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 from app.test_server import (  # the server process and its helpers, shared with test_server.py
+    TINY_ARGS,
     TOKEN,
     ServerProcess,
     _connect,
@@ -19,6 +20,11 @@ from app.test_server import (  # the server process and its helpers, shared with
     _post,
     _request,
 )
+
+from lipforcing.cli import main
+from lipforcing.engine.app.server import serve as serve_module
+from lipforcing.engine.app.server.app import ServerOptions
+from lipforcing.engine.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +46,74 @@ def server(workdir, scratch):
     yield process
     assert process.stop() == 0, process.log.read_text()
     assert list(scratch.iterdir()) == []
+
+
+# --- the token (in-process: the server start is replaced by a recorder) ------------------------------------------
+
+
+@pytest.fixture
+def serve(monkeypatch, capsys):
+    """``lipforcing serve ARGS`` up to the server start: (exit status, stderr, the ServerOptions it would serve
+    with, or None when it refused before)."""
+    monkeypatch.delenv("LIPFORCING_TOKEN", raising=False)
+    monkeypatch.setattr("lipforcing.engine.app.cli._check_port_free", lambda host, port: None)
+
+    def run(*args: str) -> tuple[int, str, ServerOptions | None]:
+        started = []
+        monkeypatch.setattr(serve_module, "run_server", lambda options, **where: started.append(options))
+        code = main(["serve", *TINY_ARGS, *args])
+        return code, capsys.readouterr().err, started[0] if started else None
+
+    return run
+
+
+def _refused(result, *words: str) -> bool:
+    code, err, started = result
+    lines = err.strip().splitlines()
+    return (code == 2 and started is None and len(lines) == 1 and lines[0].startswith("error:")
+            and all(w in lines[0] for w in words))
+
+
+def test_an_empty_token_is_an_error_not_an_open_server(serve, monkeypatch, tmp_path):
+    """``--token "$TOKEN"`` with TOKEN unset, an empty token file or an empty $LIPFORCING_TOKEN: exit 2 before the
+    warm-up, never a server without authentication."""
+    blank = tmp_path / "blank"
+    blank.write_text(" \n")
+    assert _refused(serve("--token", ""), "--token is empty")
+    assert _refused(serve("--token", "  "), "--token is empty")
+    assert _refused(serve("--token-file", str(blank)), "is empty")
+    assert _refused(serve("--token-file", str(tmp_path / "absent")), "--token-file")
+    monkeypatch.setenv("LIPFORCING_TOKEN", "")
+    assert _refused(serve(), "$LIPFORCING_TOKEN is empty")
+    with pytest.raises(ConfigError):
+        ServerOptions(token="")
+
+
+def test_the_token_comes_from_a_file_or_the_environment(serve, monkeypatch, tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("from-the-file\n")
+    assert serve("--token-file", str(secret))[2].token == "from-the-file"
+    monkeypatch.setenv("LIPFORCING_TOKEN", "from-the-environment")
+    assert serve()[2].token == "from-the-environment"
+    assert serve("--token", "from-the-flag")[2].token == "from-the-flag"
+
+
+def test_a_network_address_needs_a_token_or_insecure_no_auth(serve, tmp_path):
+    for host in ("0.0.0.0", "::", "192.168.1.10", "example.org"):
+        assert _refused(serve("--host", host), f"--host {host}", "--insecure-no-auth"), host
+    for host in ("127.0.0.1", "127.0.0.5", "::1", "localhost"):
+        assert serve("--host", host)[2].token is None, host
+    assert serve("--host", "0.0.0.0", "--insecure-no-auth")[2].token is None
+    secret = tmp_path / "token"
+    secret.write_text("s3cret")
+    assert serve("--host", "0.0.0.0", "--token-file", str(secret))[2].token == "s3cret"
+
+
+def test_the_help_says_the_token_flag_is_visible_to_other_users(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--token-file PATH" in help_text and "process list (ps)" in help_text
 
 
 # --- malformed input ----------------------------------------------------------------------------------------------

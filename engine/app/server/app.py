@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import uuid
@@ -33,10 +32,11 @@ from pathlib import Path
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 
-from ...errors import EngineBusy, LipforcingError
+from ...errors import ConfigError, EngineBusy, LipforcingError
 from ..engine import Engine, RunConfig, Weights, build_engine
 from ..session import DEFAULT_LOOKAHEAD_S
 from . import protocol
+from .auth import token_matches
 from .live import LiveSession
 
 log = logging.getLogger("lipforcing")
@@ -58,6 +58,10 @@ class ServerOptions:
     idle_timeout: float = 30.0
     lookahead: float = DEFAULT_LOOKAHEAD_S
     jpeg_quality: int = 85
+
+    def __post_init__(self) -> None:
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("the server's token is empty: give one, or None for no authentication")
 
 
 class ServerState:
@@ -108,14 +112,7 @@ class ServerState:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def authorized(self, headers, query) -> bool:
-        token = self.options.token
-        if not token:
-            return True
-        given = query.get("token") or ""
-        auth = headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        return secrets.compare_digest(given.encode(), token.encode())
+        return token_matches(self.options.token, headers, query)
 
     def stats(self) -> dict:
         engine = self.engine
