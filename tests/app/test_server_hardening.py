@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.request
 
 import pytest
@@ -16,6 +17,7 @@ from app.test_server import (  # the server process and its helpers, shared with
     TOKEN,
     ServerProcess,
     _connect,
+    _get,
     _next_text,
     _post,
     _request,
@@ -154,3 +156,31 @@ def test_malformed_webrtc_offers_get_400_with_a_json_error(server):
     status, answer = _request(request, timeout=30)
     assert status == 400 and "JSON" in answer["error"], (status, answer)
     assert "Traceback" not in server.log.read_text()
+
+
+# --- disclosure ---------------------------------------------------------------------------------------------------
+
+
+def test_without_the_token_the_health_check_says_only_that_it_is_ready(server):
+    assert _get(f"{server.http}/healthz") == (200, {"status": "ok"})
+    assert _get(f"{server.http}/healthz", "wrong") == (200, {"status": "ok"})
+    status, details = _get(f"{server.http}/healthz", TOKEN)
+    assert status == 200 and details["status"] == "ok" and {"replica", "engine", "avatars"} <= details.keys()
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert _get(f"{server.http}{path}")[0] == 404, path
+
+
+def test_a_bad_upload_is_refused_without_the_servers_paths(server, scratch):
+    async def upload(kind: str) -> dict:
+        ws = await _connect(server)
+        await ws.send(json.dumps({"type": "start", "upload": kind, "bytes": 64}))
+        await ws.send(bytes([0x02]) + b"not an avatar, not a video".ljust(64, b"."))
+        reply = await _next_text(ws)
+        await ws.close()
+        return reply
+
+    for kind in ("avatar", "video"):
+        reply = asyncio.run(upload(kind))
+        assert reply["code"] == "bad_upload" and f"the uploaded {kind}" in reply["message"], reply
+        assert str(scratch) not in reply["message"] and "lipforcing-serve-" not in reply["message"], reply
+        assert not re.search(r"[0-9a-f]{12}\.(lfa|video)", reply["message"]), reply  # the upload's file name

@@ -3,10 +3,11 @@
     app = build_app(ServerOptions(run_config=RunConfig(model="1.3b"), token="secret", avatars="avatars/"))
     # uvicorn runs it (lipforcing serve), or Ray Serve runs one per GPU (lipforcing serve --ray)
 
-Routes: ``GET /`` the web page; ``GET /healthz`` (503 until the engine is warm, then 200 with the session
-count); ``GET /v1/avatars`` and ``GET /v1/stats``; ``WS /v1/session`` (protocol.py); ``POST
-/v1/webrtc/offer`` (webrtc.py). Everything but the page and the health check needs the token (when the
-server has one): a wrong or missing token is answered 401 and no session is made.
+Routes: ``GET /`` the web page; ``GET /healthz`` (503 until the engine is warm, then 200; only its status
+without the token, the stats with it); ``GET /v1/avatars`` and ``GET /v1/stats``; ``WS /v1/session``
+(protocol.py); ``POST /v1/webrtc/offer`` (webrtc.py). Everything but the page and the health check needs the
+token (when the server has one, see auth.py): a wrong or missing token is answered 401 and no session is
+made. No generated API pages (``/docs``, ``/redoc``, ``/openapi.json``): protocol.py is the reference.
 
 Limits, each with a clear error: at most ``max_sessions`` sessions (``busy``), messages of at most
 ``max_message_bytes`` (``too_large``: the message is dropped, the connection stays), uploads of at most
@@ -278,11 +279,23 @@ class Connection:
             else:
                 avatar = await asyncio.to_thread(prepare_avatar, up["path"], self.state.engine, progress=False)
         except LipforcingError as exc:
-            await self._refuse("bad_upload", str(exc))
+            await self._refuse("bad_upload", self._without_paths(str(exc), up))
+            return False
+        except Exception as exc:  # a file crafted past the readers' checks
+            log.warning("lipforcing serve: connection %s: the uploaded %s failed: %r", self.id, up["kind"], exc)
+            await self._refuse("bad_upload", f"the uploaded {up['kind']} cannot be read")
             return False
         finally:
             up["path"].unlink(missing_ok=True)
         return await self._open(avatar)
+
+    def _without_paths(self, message: str, upload: dict) -> str:
+        """An error about an upload, the server's file names replaced by what the client knows them as."""
+        upload_name, path, tmp = f"the uploaded {upload['kind']}", upload["path"], self.state.tmp
+        for where, name in ((path.resolve(), upload_name), (path, upload_name), (tmp.resolve(), "the server"),
+                            (tmp, "the server"), (path.name, upload_name)):  # whole paths before their parts
+            message = message.replace(str(where), name)
+        return message
 
     async def _open(self, avatar) -> bool:
         loop = asyncio.get_running_loop()
@@ -345,7 +358,7 @@ def build_app(options: ServerOptions):
         yield
         await state.stop()
 
-    app = FastAPI(title="lipforcing", lifespan=lifespan)
+    app = FastAPI(title="lipforcing", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lipforcing = state
 
     def refused():
@@ -356,12 +369,14 @@ def build_app(options: ServerOptions):
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/healthz")
-    async def health():
+    async def health(request: Request):
+        # a load balancer's probe needs the status only; the avatars, the engine and the PID need the token
+        details = state.authorized(request.headers, request.query_params)
         if state.failed:
-            return JSONResponse({"status": "failed", "error": state.failed}, status_code=500)
+            return JSONResponse({"status": "failed", **({"error": state.failed} if details else {})}, status_code=500)
         if not state.ready:
             return JSONResponse({"status": "warming up"}, status_code=503)
-        return {"status": "ok", **state.stats()}
+        return {"status": "ok", **(state.stats() if details else {})}
 
     @app.get("/v1/avatars")
     async def avatars(request: Request):

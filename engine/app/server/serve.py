@@ -48,22 +48,24 @@ def run_server(options: ServerOptions, *, host: str = "127.0.0.1", port: int = 8
             signal.signal(sig, handler)
 
 
-def _wait_for_replicas(host: str, port: int, replicas: int, timeout: float = 900.0) -> None:
+def _wait_for_replicas(host: str, port: int, replicas: int, token: str | None, timeout: float = 900.0) -> None:
     """Until every replica has warmed up: ``/healthz`` answers 200 from ``replicas`` distinct processes (Ray's
-    router spreads the requests). A replica that cannot start ends the wait with its reason."""
+    router spreads the requests; the token makes it name its process). A replica that cannot start ends the
+    wait with its reason."""
     import json
     import time
     import urllib.error
     import urllib.request
 
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/healthz"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     ready: set[int] = set()
     deadline = time.monotonic() + timeout
     while len(ready) < replicas:
         if time.monotonic() > deadline:
             raise LipforcingError(f"only {len(ready)} of {replicas} replicas were ready after {timeout:.0f} s")
         try:
-            with urllib.request.urlopen(url, timeout=10) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
                 ready.add(json.load(response)["replica"])
         except urllib.error.HTTPError as exc:
             body = json.loads(exc.read() or b"{}")
@@ -103,7 +105,7 @@ def run_ray(options: ServerOptions, *, replicas: int, host: str = "127.0.0.1", p
         health_check_period_s=5, graceful_shutdown_timeout_s=10,
     )(serve.ingress(builder)())  # the builder runs on each replica: its own engine, warmed before it serves
     serve.run(deployment.bind(), name="lipforcing", route_prefix="/")
-    _wait_for_replicas(host, port, replicas)
+    _wait_for_replicas(host, port, replicas, options.token)
     log.warning("lipforcing serve: %d Ray Serve replica(s) ready at http://%s:%d", replicas, host, port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
