@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from app.test_server import (  # the server process and its helpers, shared with test_server.py
@@ -17,6 +23,7 @@ from app.test_server import (  # the server process and its helpers, shared with
     TOKEN,
     ServerProcess,
     _connect,
+    _free_port,
     _get,
     _next_text,
     _post,
@@ -184,3 +191,44 @@ def test_a_bad_upload_is_refused_without_the_servers_paths(server, scratch):
         assert reply["code"] == "bad_upload" and f"the uploaded {kind}" in reply["message"], reply
         assert str(scratch) not in reply["message"] and "lipforcing-serve-" not in reply["message"], reply
         assert not re.search(r"[0-9a-f]{12}\.(lfa|video)", reply["message"]), reply  # the upload's file name
+
+
+# --- start-up leaks (their own processes) -------------------------------------------------------------------------
+
+
+def _serve_process(*args: str, scratch: Path, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "lipforcing.cli", "serve", "--port", str(_free_port()),
+                                 *TINY_ARGS, *args], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TMPDIR": str(scratch)})
+
+
+def test_a_server_that_cannot_start_leaves_no_temporary_folder(tmp_path):
+    avatars, scratch = tmp_path / "avatars", tmp_path / "tmp"
+    avatars.mkdir()
+    scratch.mkdir()
+    (avatars / "broken.lfa").write_bytes(b"not an avatar")
+    process = _serve_process("--avatars", str(avatars), scratch=scratch, log=tmp_path / "log")
+    assert process.wait(timeout=120) == 2
+    log = (tmp_path / "log").read_text()
+    assert "error: the server cannot start" in log and "broken.lfa" in log and "Traceback" not in log, log
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_the_warm_up_leaves_no_temporary_folder(tmp_path, sig, status):
+    """The signal arrives once the server's temporary folder exists, while the engine warms up."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    process = _serve_process(scratch=scratch, log=tmp_path / "log")
+    deadline = time.monotonic() + 120
+    while not any(scratch.iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+        time.sleep(0.01)
+    process.send_signal(sig)
+    code = process.wait(timeout=120)
+    log = (tmp_path / "log").read_text()
+    if "ready (" in log:
+        pytest.skip("the warm-up finished before the signal arrived")
+    assert code == status, log
+    assert list(scratch.iterdir()) == []

@@ -12,8 +12,10 @@ made. No generated API pages (``/docs``, ``/redoc``, ``/openapi.json``): protoco
 Limits, each with a clear error: at most ``max_sessions`` sessions (``busy``), messages of at most
 ``max_message_bytes`` (``too_large``: the message is dropped, the connection stays), uploads of at most
 ``max_upload_bytes``, and ``idle_timeout`` seconds without a message (``closing``). A malformed message gets
-an ``error`` reply and the connection carries on. On shutdown (SIGTERM, Ctrl-C) every session is told
-``closing`` before its connection closes, and the server's temporary files are removed.
+an ``error`` reply and the connection carries on; the log gets one line, not a traceback. A refused upload's
+error does not show the server's file paths. On shutdown (SIGTERM, Ctrl-C) every session is told ``closing``
+before its connection closes, and the server's temporary files are removed, as they are after a start that
+fails or is stopped.
 """
 
 from __future__ import annotations
@@ -86,14 +88,13 @@ class ServerState:
         if self.ready or self.failed:
             return
         try:
+            folder = self.options.avatars  # read first: a broken file fails before the long warm-up
+            avatars = {path.stem: Avatar.load(path) for path in sorted(Path(folder).glob("*.lfa"))} if folder else {}
             engine = build_engine(self.options.run_config, self.options.weights)
             engine.warm_up()
-            folder = self.options.avatars
-            for path in sorted(Path(folder).glob("*.lfa")) if folder else []:
-                avatar = Avatar.load(path)
+            for avatar in avatars.values():
                 avatar.check_engine(engine)
-                self.avatars[path.stem] = avatar
-            self.engine, self.ready = engine, True
+            self.engine, self.avatars, self.ready = engine, avatars, True
             log.warning("lipforcing serve: ready (%s, %d avatar(s))", engine.path["model"], len(self.avatars))
         except LipforcingError as exc:
             self.failed = str(exc)
@@ -110,6 +111,10 @@ class ServerState:
         await self.close_connections("the server is shutting down")
         if self.engine is not None:
             self.engine.close()
+        self.remove_files()
+
+    def remove_files(self) -> None:
+        """Remove the server's temporary folder, uploads in progress included (idempotent)."""
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def authorized(self, headers, query) -> bool:
@@ -354,6 +359,7 @@ def build_app(options: ServerOptions):
         await asyncio.to_thread(state.start)
         if state.failed:  # (Ray Serve: the replica fails to start and says why)
             log.error("lipforcing serve: cannot start: %s", state.failed)
+            state.remove_files()
             raise RuntimeError(f"lipforcing serve cannot start: {state.failed}")
         yield
         await state.stop()

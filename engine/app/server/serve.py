@@ -4,7 +4,8 @@
     run_ray(ServerOptions(...), replicas=2, host="127.0.0.1", port=8080)  # one replica per GPU
 
 Shutdown (SIGTERM, Ctrl-C): every session is told ``closing`` first, then the connections close, the engine
-stops and the server's temporary files are removed; the process exits with status 0.
+stops and the server's temporary files are removed; the process exits with status 0. A server stopped while it
+warms up (status 143 or 130), or one that cannot start (status 2), removes its temporary files too.
 """
 
 from __future__ import annotations
@@ -19,10 +20,18 @@ log = logging.getLogger("lipforcing")
 
 
 def run_server(options: ServerOptions, *, host: str = "127.0.0.1", port: int = 8080) -> None:
-    import uvicorn
-
     app = build_app(options)
     state = app.state.lipforcing
+    try:  # the temporary folder goes whichever way the process ends: a failed start, a signal in the warm-up
+        _serve_until_stopped(app, state, host, port)
+    finally:
+        state.remove_files()
+
+
+def _serve_until_stopped(app, state, host: str, port: int) -> None:
+    import signal
+
+    import uvicorn
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
@@ -38,8 +47,6 @@ def run_server(options: ServerOptions, *, host: str = "127.0.0.1", port: int = 8
     # uvicorn re-raises the signal that stopped it once it has shut down, which would end the process with
     # status 143 (SIGTERM) or a KeyboardInterrupt after a clean shutdown: the handlers in place meanwhile
     # take that re-raised signal and ignore it.
-    import signal
-
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         Server(config).run()
