@@ -408,8 +408,8 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="ws://127.0.0.1:8080", help="the server (ws://HOST:PORT)")
     p.add_argument("--token", default=os.environ.get("LIPFORCING_TOKEN"), help="default: $LIPFORCING_TOKEN")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--avatar", metavar="FILE|NAME", help="a prepared avatar (.lfa) to upload, or the name of "
-                                                              "one the server holds")
+    source.add_argument("--avatar", metavar="FILE|NAME", help="a prepared avatar (.lfa) to upload, or the bare name "
+                                                              "of one the server holds (no other file is sent)")
     source.add_argument("--video", metavar="FILE", help="a talking-head video the server prepares as the avatar")
     p.add_argument("--speech", required=True, help="speech (wav/mp3/m4a/flac/...)")
     p.add_argument("-o", "--output", required=True, help="output .mp4")

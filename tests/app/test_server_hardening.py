@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from app.test_server import (  # the server process and its helpers, shared with test_server.py
     TINY_ARGS,
@@ -28,6 +29,7 @@ from app.test_server import (  # the server process and its helpers, shared with
     _next_text,
     _post,
     _request,
+    _write_wav,
 )
 
 from lipforcing.cli import main
@@ -232,3 +234,32 @@ def test_a_signal_during_the_warm_up_leaves_no_temporary_folder(tmp_path, sig, s
         pytest.skip("the warm-up finished before the signal arrived")
     assert code == status, log
     assert list(scratch.iterdir()) == []
+
+
+# --- the reference client -----------------------------------------------------------------------------------------
+
+
+def test_the_client_uploads_only_avatar_files(tmp_path, capsys):
+    """A local path that is not a prepared .lfa file is refused before connecting (it used to be uploaded: any
+    file, /etc/passwd included); a bare name is the name of an avatar on the server."""
+    speech = _write_wav(tmp_path / "speech.wav", 0.1 * np.sin(np.arange(1600) / 5))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("private")
+    fake = tmp_path / "fake.lfa"
+    fake.write_text("private")
+    url = f"ws://127.0.0.1:{_free_port()}"  # nobody listens: reaching the connection means the avatar passed
+
+    def client(avatar: str) -> tuple[int, str]:
+        out = str(tmp_path / "out.mp4")
+        code = main(["client", "--url", url, "--avatar", avatar, "--speech", str(speech), "-o", out])
+        return code, capsys.readouterr().err
+
+    for path in ("../../etc/passwd", "/etc/passwd", str(notes), "./face3"):
+        code, err = client(path)
+        assert code == 2 and "a local avatar must be a prepared .lfa file" in err and "cannot reach" not in err, err
+    code, err = client(str(fake))
+    assert code == 2 and "not a prepared avatar file" in err and "cannot reach" not in err, err
+    code, err = client(str(tmp_path / "absent.lfa"))
+    assert code == 2 and "no such file" in err, err
+    code, err = client("face3")
+    assert code == 2 and "cannot reach" in err, err
