@@ -195,6 +195,18 @@ def test_a_bad_upload_is_refused_without_the_servers_paths(server, scratch):
         assert not re.search(r"[0-9a-f]{12}\.(lfa|video)", reply["message"]), reply  # the upload's file name
 
 
+# --- the page -----------------------------------------------------------------------------------------------------
+
+
+def test_the_page_hides_elements_marked_hidden(server):
+    """The page's ``label {display: flex}`` outranks the browser's ``[hidden] {display: none}``: without its own
+    rule the File picker shows with the microphone chosen."""
+    with urllib.request.urlopen(f"{server.http}/", timeout=10) as response:
+        page = response.read().decode()
+    assert re.search(r"\[hidden\]\s*\{\s*display:\s*none\s*!important;?\s*\}", page)
+    assert '<label id="file-label" hidden>' in page
+
+
 # --- start-up leaks (their own processes) -------------------------------------------------------------------------
 
 
