@@ -6,7 +6,7 @@
     lipforcing run VIDEO [--audio AUDIO] -o OUT.mp4 [--model 14b --ckpt ... --vae ... --taehv ...] [--report R.json]
     lipforcing demo [-o demo.mp4]
     lipforcing compile [--taehv taew2_1.pth] [-o DIR]
-    lipforcing serve [--host 127.0.0.1 --port 8080 --token T --avatars DIR] [--ray --replicas N]
+    lipforcing serve [--host 127.0.0.1 --port 8080 --token-file F --avatars DIR] [--ray --replicas N]
     lipforcing client --url ws://HOST:PORT (--avatar FILE|NAME | --video FILE) --speech WAV -o OUT.mp4 [--fast]
 
 Other packages add their commands with ``@command`` (``lipforcing bench`` lives in ``lipforcing.bench``);
@@ -314,10 +314,18 @@ def _prepare_avatar(args: argparse.Namespace) -> int:
 
 @command("serve", "serve live sessions over WebSocket and WebRTC, with a web page (see the README)")
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: loopback only; another one needs a token)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--token", default=os.environ.get("LIPFORCING_TOKEN"),
-                   help="clients must send this token (default: $LIPFORCING_TOKEN; none: no authentication)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", default=None,
+                       help="clients must send this token (default: $LIPFORCING_TOKEN; none anywhere: no "
+                            "authentication, loopback only). Other users of this machine can read it in the process "
+                            "list (ps): prefer --token-file or $LIPFORCING_TOKEN")
+    token.add_argument("--token-file", default=None, metavar="PATH",
+                       help="read the token from this file (its text, blanks around it dropped)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve without a token on a --host other machines can reach (anyone who connects may use it)")
     p.add_argument("--avatars", default=None, metavar="DIR", help="a folder of prepared avatars (*.lfa) to offer")
     p.add_argument("--max-sessions", type=int, default=1, help="sessions at once per engine (per replica)")
     p.add_argument("--max-message-kb", type=int, default=1024, help="largest client message accepted")
@@ -354,8 +362,11 @@ def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .server.app import ServerOptions
+    from .server.auth import check_exposure, server_token
     from .session import DEFAULT_LOOKAHEAD_S
 
+    token = server_token(flag=args.token, file=args.token_file, environ=os.environ)  # none given: no token
+    check_exposure(args.host, token, insecure_no_auth=args.insecure_no_auth)
     if args.avatars and not Path(args.avatars).is_dir():
         raise ConfigError(f"--avatars {args.avatars}: not a folder")
     if args.replicas < 1 or (args.replicas > 1 and not args.ray):
@@ -365,7 +376,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     cfg, weights = engine_config(args)
     options = ServerOptions(
-        run_config=replace(cfg, max_sessions=args.max_sessions), weights=weights, token=args.token or None,
+        run_config=replace(cfg, max_sessions=args.max_sessions), weights=weights, token=token,
         avatars=args.avatars, max_message_bytes=args.max_message_kb << 10, max_upload_bytes=args.max_upload_mb << 20,
         idle_timeout=args.idle_timeout, lookahead=DEFAULT_LOOKAHEAD_S if args.lookahead is None else args.lookahead,
     )
@@ -397,8 +408,8 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="ws://127.0.0.1:8080", help="the server (ws://HOST:PORT)")
     p.add_argument("--token", default=os.environ.get("LIPFORCING_TOKEN"), help="default: $LIPFORCING_TOKEN")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--avatar", metavar="FILE|NAME", help="a prepared avatar (.lfa) to upload, or the name of "
-                                                              "one the server holds")
+    source.add_argument("--avatar", metavar="FILE|NAME", help="a prepared avatar (.lfa) to upload, or the bare name "
+                                                              "of one the server holds (no other file is sent)")
     source.add_argument("--video", metavar="FILE", help="a talking-head video the server prepares as the avatar")
     p.add_argument("--speech", required=True, help="speech (wav/mp3/m4a/flac/...)")
     p.add_argument("-o", "--output", required=True, help="output .mp4")

@@ -3,16 +3,19 @@
     app = build_app(ServerOptions(run_config=RunConfig(model="1.3b"), token="secret", avatars="avatars/"))
     # uvicorn runs it (lipforcing serve), or Ray Serve runs one per GPU (lipforcing serve --ray)
 
-Routes: ``GET /`` the web page; ``GET /healthz`` (503 until the engine is warm, then 200 with the session
-count); ``GET /v1/avatars`` and ``GET /v1/stats``; ``WS /v1/session`` (protocol.py); ``POST
-/v1/webrtc/offer`` (webrtc.py). Everything but the page and the health check needs the token (when the
-server has one): a wrong or missing token is answered 401 and no session is made.
+Routes: ``GET /`` the web page; ``GET /healthz`` (503 until the engine is warm, then 200; only its status
+without the token, the stats with it); ``GET /v1/avatars`` and ``GET /v1/stats``; ``WS /v1/session``
+(protocol.py); ``POST /v1/webrtc/offer`` (webrtc.py). Everything but the page and the health check needs the
+token (when the server has one, see auth.py): a wrong or missing token is answered 401 and no session is
+made. No generated API pages (``/docs``, ``/redoc``, ``/openapi.json``): protocol.py is the reference.
 
 Limits, each with a clear error: at most ``max_sessions`` sessions (``busy``), messages of at most
 ``max_message_bytes`` (``too_large``: the message is dropped, the connection stays), uploads of at most
 ``max_upload_bytes``, and ``idle_timeout`` seconds without a message (``closing``). A malformed message gets
-an ``error`` reply and the connection carries on. On shutdown (SIGTERM, Ctrl-C) every session is told
-``closing`` before its connection closes, and the server's temporary files are removed.
+an ``error`` reply and the connection carries on; the log gets one line, not a traceback. A refused upload's
+error does not show the server's file paths. On shutdown (SIGTERM, Ctrl-C) every session is told ``closing``
+before its connection closes, and the server's temporary files are removed, as they are after a start that
+fails or is stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import uuid
@@ -33,10 +35,11 @@ from pathlib import Path
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 
-from ...errors import EngineBusy, LipforcingError
+from ...errors import ConfigError, EngineBusy, LipforcingError
 from ..engine import Engine, RunConfig, Weights, build_engine
 from ..session import DEFAULT_LOOKAHEAD_S
 from . import protocol
+from .auth import token_matches
 from .live import LiveSession
 
 log = logging.getLogger("lipforcing")
@@ -58,6 +61,10 @@ class ServerOptions:
     idle_timeout: float = 30.0
     lookahead: float = DEFAULT_LOOKAHEAD_S
     jpeg_quality: int = 85
+
+    def __post_init__(self) -> None:
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("the server's token is empty: give one, or None for no authentication")
 
 
 class ServerState:
@@ -81,14 +88,13 @@ class ServerState:
         if self.ready or self.failed:
             return
         try:
+            folder = self.options.avatars  # read first: a broken file fails before the long warm-up
+            avatars = {path.stem: Avatar.load(path) for path in sorted(Path(folder).glob("*.lfa"))} if folder else {}
             engine = build_engine(self.options.run_config, self.options.weights)
             engine.warm_up()
-            folder = self.options.avatars
-            for path in sorted(Path(folder).glob("*.lfa")) if folder else []:
-                avatar = Avatar.load(path)
+            for avatar in avatars.values():
                 avatar.check_engine(engine)
-                self.avatars[path.stem] = avatar
-            self.engine, self.ready = engine, True
+            self.engine, self.avatars, self.ready = engine, avatars, True
             log.warning("lipforcing serve: ready (%s, %d avatar(s))", engine.path["model"], len(self.avatars))
         except LipforcingError as exc:
             self.failed = str(exc)
@@ -105,17 +111,14 @@ class ServerState:
         await self.close_connections("the server is shutting down")
         if self.engine is not None:
             self.engine.close()
+        self.remove_files()
+
+    def remove_files(self) -> None:
+        """Remove the server's temporary folder, uploads in progress included (idempotent)."""
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def authorized(self, headers, query) -> bool:
-        token = self.options.token
-        if not token:
-            return True
-        given = query.get("token") or ""
-        auth = headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        return secrets.compare_digest(given.encode(), token.encode())
+        return token_matches(self.options.token, headers, query)
 
     def stats(self) -> dict:
         engine = self.engine
@@ -188,7 +191,13 @@ class Connection:
                     else:
                         started = await self._binary(protocol.decode_binary(data))
                 except protocol.ProtocolError as exc:
+                    log.info("lipforcing serve: connection %s: malformed message: %s", self.id, exc)
                     await self.send_text(protocol.error("malformed", str(exc)))
+                    continue
+                except Exception as exc:  # a message the checks above let through: one line, not a traceback
+                    log.warning("lipforcing serve: connection %s: a message failed: %r", self.id, exc,
+                                exc_info=log.isEnabledFor(logging.INFO))  # the traceback with -v
+                    await self._refuse("internal", "the server could not handle that message")
                     continue
                 if started:
                     sender = asyncio.create_task(self._send_outputs())
@@ -247,7 +256,7 @@ class Connection:
         self.params = dict(lookahead=lookahead, sample_rate=rate)
         if "upload" in message:
             kind, size = message.get("upload"), message.get("bytes")
-            if kind not in ("avatar", "video") or not isinstance(size, int) or size <= 0:
+            if kind not in ("avatar", "video") or isinstance(size, bool) or not isinstance(size, int) or size <= 0:
                 raise protocol.ProtocolError('"upload" is "avatar" or "video", with "bytes": a positive size')
             if size > opts.max_upload_bytes:
                 await self._refuse("too_large", f"an upload of {size} bytes; at most {opts.max_upload_bytes}")
@@ -256,6 +265,8 @@ class Connection:
             self.upload = dict(kind=kind, bytes=size, received=0, path=path, file=open(path, "wb"))  # noqa: SIM115
             return False
         name = message.get("avatar")
+        if not isinstance(name, str):
+            raise protocol.ProtocolError('"start" names an "avatar" (a string) or announces an "upload"')
         if name not in state.avatars:
             await self._refuse("bad_avatar", f"no avatar {name!r} here; the server has {sorted(state.avatars)}")
             return False
@@ -273,11 +284,23 @@ class Connection:
             else:
                 avatar = await asyncio.to_thread(prepare_avatar, up["path"], self.state.engine, progress=False)
         except LipforcingError as exc:
-            await self._refuse("bad_upload", str(exc))
+            await self._refuse("bad_upload", self._without_paths(str(exc), up))
+            return False
+        except Exception as exc:  # a file crafted past the readers' checks
+            log.warning("lipforcing serve: connection %s: the uploaded %s failed: %r", self.id, up["kind"], exc)
+            await self._refuse("bad_upload", f"the uploaded {up['kind']} cannot be read")
             return False
         finally:
             up["path"].unlink(missing_ok=True)
         return await self._open(avatar)
+
+    def _without_paths(self, message: str, upload: dict) -> str:
+        """An error about an upload, the server's file names replaced by what the client knows them as."""
+        upload_name, path, tmp = f"the uploaded {upload['kind']}", upload["path"], self.state.tmp
+        for where, name in ((path.resolve(), upload_name), (path, upload_name), (tmp.resolve(), "the server"),
+                            (tmp, "the server"), (path.name, upload_name)):  # whole paths before their parts
+            message = message.replace(str(where), name)
+        return message
 
     async def _open(self, avatar) -> bool:
         loop = asyncio.get_running_loop()
@@ -336,11 +359,12 @@ def build_app(options: ServerOptions):
         await asyncio.to_thread(state.start)
         if state.failed:  # (Ray Serve: the replica fails to start and says why)
             log.error("lipforcing serve: cannot start: %s", state.failed)
+            state.remove_files()
             raise RuntimeError(f"lipforcing serve cannot start: {state.failed}")
         yield
         await state.stop()
 
-    app = FastAPI(title="lipforcing", lifespan=lifespan)
+    app = FastAPI(title="lipforcing", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lipforcing = state
 
     def refused():
@@ -351,12 +375,14 @@ def build_app(options: ServerOptions):
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/healthz")
-    async def health():
+    async def health(request: Request):
+        # a load balancer's probe needs the status only; the avatars, the engine and the PID need the token
+        details = state.authorized(request.headers, request.query_params)
         if state.failed:
-            return JSONResponse({"status": "failed", "error": state.failed}, status_code=500)
+            return JSONResponse({"status": "failed", **({"error": state.failed} if details else {})}, status_code=500)
         if not state.ready:
             return JSONResponse({"status": "warming up"}, status_code=503)
-        return {"status": "ok", **state.stats()}
+        return {"status": "ok", **(state.stats() if details else {})}
 
     @app.get("/v1/avatars")
     async def avatars(request: Request):
@@ -397,8 +423,12 @@ def build_app(options: ServerOptions):
 
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # (nested too deep for the parser)
             return JSONResponse({"error": "the offer must be JSON: {sdp, type, avatar}"}, status_code=400)
-        return await answer_offer(state, body)
+        try:
+            return await answer_offer(state, body)
+        except Exception as exc:  # an offer the checks let through: one line, not a traceback
+            log.warning("lipforcing serve: a WebRTC offer failed: %r", exc, exc_info=log.isEnabledFor(logging.INFO))
+            return JSONResponse({"error": "the server could not answer the offer"}, status_code=500)
 
     return app

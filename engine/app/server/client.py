@@ -5,10 +5,11 @@
     result.frames, result.chunk_latency_p50_s, result.fps
 
 It uploads a prepared avatar (an .lfa file) or a video (which the server prepares), or names an avatar the
-server holds; streams the speech as it would be spoken (20 ms pieces on the wall clock), or as fast as the
-connection takes it (``fast``); and writes the frames it receives, with the speech, to an MP4, atomically:
-the file appears complete or not at all. A refusal (wrong token, busy server, bad avatar) raises
-``ServerRefused`` and writes nothing.
+server holds (a bare name: no folder, no .lfa; a local path to anything but an .lfa file is refused, so a
+mistyped ``--avatar`` never sends some other file); streams the speech as it would be spoken (20 ms pieces
+on the wall clock), or as fast as the connection takes it (``fast``); and writes the frames it receives, with
+the speech, to an MP4, atomically: the file appears complete or not at all. A refusal (wrong token, busy
+server, bad avatar) raises ``ServerRefused`` and writes nothing.
 
 Latency is measured per chunk of output frames: from the moment the client had sent the speech that chunk
 needs (its frames plus the server's look-ahead) to the arrival of the chunk's last frame.
@@ -45,7 +46,7 @@ class ClientOptions:
     output: str | None = None
     """The MP4 to write; None: frames are checked and counted, not decoded (load tests)."""
     avatar: str | None = None
-    """An .lfa file to upload, or the name of an avatar the server holds."""
+    """An .lfa file to upload, or the name of an avatar the server holds (see ``avatar_file``)."""
     video: str | None = None
     token: str | None = None
     fast: bool = False
@@ -93,6 +94,33 @@ def session_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
+def avatar_file(avatar: str) -> Path | None:
+    """The prepared avatar file ``avatar`` names, to upload; None for a bare name (an avatar the server holds).
+    A path (one with a folder, or with the .lfa suffix) must be an .lfa file whose header says it is an
+    avatar; anything else is refused before the client connects."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..avatar import AVATAR_FORMAT, SUFFIX
+
+    path = Path(avatar)
+    if path.suffix != SUFFIX and path.name == avatar and avatar not in (".", ".."):
+        return None
+    if path.suffix != SUFFIX:
+        raise LipforcingError(f"--avatar {avatar}: a local avatar must be a prepared {SUFFIX} file (made by "
+                              f"'lipforcing prepare-avatar'); a bare name is an avatar the server holds")
+    if not path.is_file():
+        raise LipforcingError(f"--avatar {avatar}: no such file")
+    try:
+        with safe_open(str(path), "np") as f:  # the header only
+            format_name = (f.metadata() or {}).get("format")
+    except (SafetensorError, OSError):
+        format_name = None
+    if format_name != AVATAR_FORMAT:
+        raise LipforcingError(f"--avatar {avatar}: not a prepared avatar file ('lipforcing prepare-avatar' makes "
+                              f"them); nothing was sent")
+    return path
+
+
 def run_client(options: ClientOptions) -> ClientResult:
     """Run one session to the end (see the module docstring); ``ServerRefused`` on a refusal."""
     from ...media.io import load_audio
@@ -111,7 +139,12 @@ async def stream_session(options: ClientOptions, speech: np.ndarray) -> ClientRe
     """One session in the running event loop: ``speech`` int16 [S] at 16 kHz (many can run at once)."""
     if (options.avatar is None) == (options.video is None):
         raise LipforcingError("give an avatar (--avatar FILE or NAME) or a video (--video FILE), one of them")
-    return await _Client(options, speech).run()
+    if options.video is not None:
+        upload = ("video", Path(options.video))
+    else:
+        file = avatar_file(options.avatar)
+        upload = ("avatar", file) if file is not None else None
+    return await _Client(options, speech, upload).run()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -119,8 +152,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 class _Client:
-    def __init__(self, options: ClientOptions, speech: np.ndarray) -> None:
+    def __init__(self, options: ClientOptions, speech: np.ndarray, upload: tuple[str, Path] | None) -> None:
         self.options, self.speech = options, speech
+        self.upload = upload  # ("avatar" | "video", the file to send); None: an avatar the server holds
         self.sent_at: list[tuple[int, float]] = []  # (samples sent so far, when)
         self.writer = None
         self.frames = 0
@@ -153,12 +187,7 @@ class _Client:
             raise ServerRefused(f"cannot reach {o.url}: {exc}") from None
 
     async def _start(self, ws) -> dict:
-        o = self.options
-        upload = None
-        if o.video is not None:
-            upload = ("video", Path(o.video))
-        elif Path(o.avatar).is_file():
-            upload = ("avatar", Path(o.avatar))
+        o, upload = self.options, self.upload
         start = {"type": "start", "lookahead": o.lookahead, "sample_rate": 16000}
         if upload is None:
             start["avatar"] = o.avatar

@@ -127,6 +127,8 @@ def decode_text(text: str) -> dict:
         message = json.loads(text)
     except ValueError:
         raise ProtocolError("a text message must be JSON") from None
+    except RecursionError:
+        raise ProtocolError("a text message must be JSON nested less deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError('a text message must be a JSON object with a "type"')
     return message

@@ -4,7 +4,8 @@
     run_ray(ServerOptions(...), replicas=2, host="127.0.0.1", port=8080)  # one replica per GPU
 
 Shutdown (SIGTERM, Ctrl-C): every session is told ``closing`` first, then the connections close, the engine
-stops and the server's temporary files are removed; the process exits with status 0.
+stops and the server's temporary files are removed; the process exits with status 0. A server stopped while it
+warms up (status 143 or 130), or one that cannot start (status 2), removes its temporary files too.
 """
 
 from __future__ import annotations
@@ -19,10 +20,18 @@ log = logging.getLogger("lipforcing")
 
 
 def run_server(options: ServerOptions, *, host: str = "127.0.0.1", port: int = 8080) -> None:
-    import uvicorn
-
     app = build_app(options)
     state = app.state.lipforcing
+    try:  # the temporary folder goes whichever way the process ends: a failed start, a signal in the warm-up
+        _serve_until_stopped(app, state, host, port)
+    finally:
+        state.remove_files()
+
+
+def _serve_until_stopped(app, state, host: str, port: int) -> None:
+    import signal
+
+    import uvicorn
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
@@ -38,8 +47,6 @@ def run_server(options: ServerOptions, *, host: str = "127.0.0.1", port: int = 8
     # uvicorn re-raises the signal that stopped it once it has shut down, which would end the process with
     # status 143 (SIGTERM) or a KeyboardInterrupt after a clean shutdown: the handlers in place meanwhile
     # take that re-raised signal and ignore it.
-    import signal
-
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         Server(config).run()
@@ -48,22 +55,24 @@ def run_server(options: ServerOptions, *, host: str = "127.0.0.1", port: int = 8
             signal.signal(sig, handler)
 
 
-def _wait_for_replicas(host: str, port: int, replicas: int, timeout: float = 900.0) -> None:
+def _wait_for_replicas(host: str, port: int, replicas: int, token: str | None, timeout: float = 900.0) -> None:
     """Until every replica has warmed up: ``/healthz`` answers 200 from ``replicas`` distinct processes (Ray's
-    router spreads the requests). A replica that cannot start ends the wait with its reason."""
+    router spreads the requests; the token makes it name its process). A replica that cannot start ends the
+    wait with its reason."""
     import json
     import time
     import urllib.error
     import urllib.request
 
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/healthz"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     ready: set[int] = set()
     deadline = time.monotonic() + timeout
     while len(ready) < replicas:
         if time.monotonic() > deadline:
             raise LipforcingError(f"only {len(ready)} of {replicas} replicas were ready after {timeout:.0f} s")
         try:
-            with urllib.request.urlopen(url, timeout=10) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
                 ready.add(json.load(response)["replica"])
         except urllib.error.HTTPError as exc:
             body = json.loads(exc.read() or b"{}")
@@ -103,7 +112,7 @@ def run_ray(options: ServerOptions, *, replicas: int, host: str = "127.0.0.1", p
         health_check_period_s=5, graceful_shutdown_timeout_s=10,
     )(serve.ingress(builder)())  # the builder runs on each replica: its own engine, warmed before it serves
     serve.run(deployment.bind(), name="lipforcing", route_prefix="/")
-    _wait_for_replicas(host, port, replicas)
+    _wait_for_replicas(host, port, replicas, options.token)
     log.warning("lipforcing serve: %d Ray Serve replica(s) ready at http://%s:%d", replicas, host, port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

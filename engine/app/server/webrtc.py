@@ -66,7 +66,8 @@ async def answer_offer(state, body: dict):
     from aiortc import RTCPeerConnection, RTCSessionDescription
     from fastapi.responses import JSONResponse
 
-    avatar = state.avatars.get(body.get("avatar")) if isinstance(body, dict) else None
+    name = body.get("avatar") if isinstance(body, dict) else None
+    avatar = state.avatars.get(name) if isinstance(name, str) else None
     if avatar is None or not isinstance(body.get("sdp"), str) or body.get("type") != "offer":
         return JSONResponse({"error": f"an offer needs sdp, type 'offer' and avatar, one of {sorted(state.avatars)}"},
                             status_code=400)
