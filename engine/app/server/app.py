@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -77,7 +78,8 @@ class ServerState:
         self.connections: set[Connection] = set()
         self.ready = False
         self.failed: str | None = None
-        self.tmp = Path(tempfile.mkdtemp(prefix="lipforcing-serve-"))
+        # named now, made by start(): whoever holds the state can remove it whenever the process is stopped
+        self.tmp = Path(tempfile.gettempdir()) / f"lipforcing-serve-{secrets.token_hex(6)}"
         self.peers: dict = {}  # WebRTC peer connection -> its closing-message function
 
     def start(self) -> None:
@@ -87,6 +89,7 @@ class ServerState:
 
         if self.ready or self.failed:
             return
+        self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             folder = self.options.avatars  # read first: a broken file fails before the long warm-up
             avatars = {path.stem: Avatar.load(path) for path in sorted(Path(folder).glob("*.lfa"))} if folder else {}
