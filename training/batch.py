@@ -11,6 +11,7 @@ gradient accumulation, and a resumed run draws exactly what an uninterrupted one
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,9 @@ class TrainBatch:
     """[B, V, audio_dim] per-video-frame audio features, V = 1 + 4(L-1)."""
     wav: torch.Tensor
     """[B, S] 16 kHz speech of the clip (the SyncNet reward)."""
+    reference: torch.Tensor | None = None
+    """[B, 16, L, h, w] the reference-sequence channels when they are not the clip's own latents (the copy-risk
+    check: another clip's, or zeros); None: ``latents``, as at inference."""
 
     @staticmethod
     def from_clips(clips, data, device: torch.device | str) -> TrainBatch:
@@ -60,11 +64,17 @@ class TrainBatch:
 
     def inputs(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The 65 input channels [B, 65, F, h, w] of the noisy latent x [B, 16, F, h, w] at frames start..start+F-1;
-        the reference sequence is the clip's own unmasked latents (as at inference, SPEC §3)."""
+        the reference sequence is the clip's own unmasked latents (as at inference, SPEC §3) unless ``reference``
+        replaces it."""
         f = x.shape[2]
         sl = slice(start, start + f)
+        reference = self.latents if self.reference is None else self.reference
         return input_channels(x, self.ref_latent, self.mask_latent, self.masked_latents[:, :, sl],
-                              self.latents[:, :, sl])
+                              reference[:, :, sl])
+
+    def with_reference(self, reference: torch.Tensor) -> TrainBatch:
+        """The same batch with the reference-sequence channels replaced by ``reference`` [B, 16, L, h, w]."""
+        return dataclasses.replace(self, reference=reference)
 
     def clip(self, conditional: bool = True) -> ClipInputs:
         """Text and audio for ``forward``; the unconditional branch replaces both by zeros (SPEC §9: their
@@ -87,7 +97,14 @@ class SampleRandom:
 
     def __init__(self, seed: int, step: int, phase: int, slots: Sequence[int], device: torch.device | str = "cpu"):
         self.generators = [torch.Generator().manual_seed(_seed(seed, step, phase, s)) for s in slots]
+        self.key = (seed, step, phase, slots[0])
         self.device = device
+
+    def shared(self) -> torch.Generator:
+        """A generator of the draws the micro-batch shares (a rollout call's exit step), keyed by (seed, step,
+        phase, first slot): the same micro-batch draws the same in any number of processes."""
+        seed, step, phase, first = self.key
+        return torch.Generator().manual_seed(_seed(seed, step, phase, first + (1 << 40)))
 
     def randn(self, shape: Sequence[int]) -> torch.Tensor:
         """[B, *shape] standard normal, sample b from its own generator."""

@@ -26,6 +26,8 @@ from ..engine.errors import ConfigError
 
 STAGES = ("teacher", "stage1", "stage2")
 PRESETS = ("tiny", "1.3b", "14b")
+LORA_INITS = ("continue", "fresh")
+REWARD_SYNC_C = ("release", "syncnet_python")
 WINDOW_SINK_PAIRS = ((7, 1), (10, 1), (13, 1), (9, 3), (12, 3))
 """The (window, sink) pairs stage 1 draws from (SPEC §9)."""
 
@@ -44,6 +46,15 @@ class LoraConfig:
     """Linear layers of every block that get LoRA adapters (names inside a block)."""
     fully_trained: tuple[str, ...] = ("patch_embedding", "audio_proj", "audio_cond_projs")
     """Top-level modules trained in full (SPEC §9: the audio modules and the patch embedding)."""
+    init: str = "continue"
+    """continue (the release, ``merge_lora=False``): the init's adapter A/B are loaded and trained on (a training
+    run folder as ``--init``, or a checkpoint holding ``<module>.lora_A.weight`` / ``lora_B.weight`` beside its base
+    weights); an init without an adapter starts a fresh one, and the log says so. fresh: the init's weights are
+    merged and a new adapter (B = 0) is injected."""
+
+    def __post_init__(self) -> None:
+        if self.init not in LORA_INITS:
+            raise ConfigError(f"lora.init must be one of {LORA_INITS}, got {self.init!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +78,10 @@ class TrainConfig:
     """bf16 (weights kept in fp32 as master copies, FSDP2 casts for compute) or fp32."""
     activation_checkpointing: bool = True
     seed: int = 0
+    release_iterations: bool = True
+    """As the release's trainer: iterations are numbered from 1 and run while below ``steps`` (``steps`` - 1
+    optimiser iterations: 599 for 600), so stage 2's first student update is at iteration ``critic_ratio`` after
+    that many - 1 critic updates. False: ``steps`` iterations, the student also at the first."""
     save_every: int = 100
     """Write a resumable checkpoint every this many steps (and always at the end)."""
     # stage 1 (diffusion forcing)
@@ -80,14 +95,38 @@ class TrainConfig:
     """DMD times t in this band get the teacher's guidance; outside it the scale is 1.0."""
     dmd_u_range: tuple[float, float] = (0.001, 0.999)
     """u ~ U(range), t = shift u / (1 + (shift - 1) u)."""
+    dmd_t_clamp: tuple[float, float] | None = (0.001, 0.999)
+    """The DMD t is clamped to this range after the shift (the release's ``safe_clamp``: 0.4 % of draws land on
+    0.999); None: no clamp."""
+    rollout_noise_scale: float = 0.999
+    """The rollout's initial noise is scaled by this (the release: sigma(max_t) = 0.999); 1.0: plain noise."""
+    exit_step_per: str = "rollout"
+    """rollout (the release): every rollout call (one micro-batch of one phase) draws its exit step, shared by its
+    chunks and samples; step: one draw per iteration for every rollout of both phases."""
     shift: float = 5.0
     """The Wan time shift of SPEC §2: DMD times (stage 2) and the teacher's training times."""
     critic_ratio: int = 5
-    """The critic updates every iteration, the student every ``critic_ratio``-th."""
+    """The critic updates every iteration, the student at iterations divisible by ``critic_ratio``. On those the
+    critic's gradients and the student's are computed before either network steps (the release's combined step):
+    the critic trains on the rollout of the student before its update, the student's loss sees the critic before
+    its update."""
+    critic_grad_scale_on_student_steps: float = 4.0
+    """The release does not divide the critic's backward by its 4 accumulation rounds on student iterations (its
+    released checkpoints were trained so): the critic's gradient there is this times the batch mean. 1.0: the
+    batch mean, as on the other iterations."""
+    clip_critic: bool = False
+    """The release clips only the student's gradient (``grad_clip``); True clips the critic's too."""
     reward_scale: float = 2.0
     """The generator loss is weighted by exp(reward_scale x r), r the SyncNet confidence of the rollout."""
     reward: bool = True
     """False: no SyncNet reward (weight 1)."""
+    reward_sync_c: str = "release"
+    """How the reward computes Sync-C: release (``sync_c_scorer``: speech x 32768 unrounded, distances averaged over
+    the overlapping windows at each shift, frames truncated to uint8) or syncnet_python (``lipforcing eval``'s
+    protocol: x 32767 rounded, zero-padded table)."""
+    copy_check_every: int = 0
+    """Every this many iterations (0: never) log ``copy_gap``: the student's loss on its batch with the reference
+    channels taken from another clip, minus its loss with its own (see ``copy_risk``)."""
     # teacher (flow matching)
     cond_dropout: float = 0.1
     """Fraction of samples whose audio and text are zeroed, so that the unconditional branch is learned."""
@@ -102,6 +141,13 @@ class TrainConfig:
                               f"{self.micro_batch})")
         if self.batch % self.micro_batch:
             raise ConfigError(f"batch {self.batch} is not a multiple of micro_batch {self.micro_batch}")
+        if self.exit_step_per not in ("rollout", "step"):
+            raise ConfigError(f"exit_step_per must be rollout or step, got {self.exit_step_per!r}")
+        if self.reward_sync_c not in REWARD_SYNC_C:
+            raise ConfigError(f"reward_sync_c must be one of {REWARD_SYNC_C}, got {self.reward_sync_c!r}")
+        if self.release_iterations and self.steps < 2:
+            raise ConfigError("steps counts as the release's max_iter (iterations 1 .. steps - 1): give at least 2, "
+                              "or set release_iterations to false")
         if self.compute_dtype not in ("bf16", "fp32"):
             raise ConfigError(f"compute_dtype must be bf16 or fp32, got {self.compute_dtype!r}")
 
@@ -110,6 +156,17 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def iterations(self) -> int:
+        """Optimiser iterations a whole run makes (``steps`` - 1 with ``release_iterations``)."""
+        return self.steps - 1 if self.release_iterations else self.steps
+
+    def student_updates_at(self, step: int) -> bool:
+        """Stage 2: whether 0-based step ``step`` updates the student (iteration ``step + 1`` divisible by
+        ``critic_ratio`` with ``release_iterations``, else iterations 1, 1 + ratio, ...)."""
+        iteration = step + 1
+        return (iteration if self.release_iterations else iteration - 1) % self.critic_ratio == 0
 
 
 _RECIPE = {

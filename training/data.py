@@ -20,10 +20,11 @@ Each source video is prepared the way inference sees a video (one implementation
   the detector found none in it (the aligner reused an earlier alignment, or had none to reuse); a clip with
   more than ``max_missing_faces`` such frames is skipped, and a kept clip's frames that have no alignment at
   all borrow the nearest later one (else the nearest earlier), as a session does;
-- audio features (``Wav2Vec2Features``, SPEC §7) computed ONCE per video on its whole audio, as inference
-  computes them for a whole clip (wav2vec2's attention is global), then sliced to each clip's frames:
-  [clip_frames, A] (A = 10752 for wav2vec2-base-960h, 256 for the tiny random one). Memory grows with the
-  square of the video's length; split videos of many minutes first;
+- audio features (``Wav2Vec2Features``, SPEC §7), [clip_frames, A] (A = 10752 for wav2vec2-base-960h, 256 for
+  the tiny random one): by default (``audio_features="clip"``, the release's training data) wav2vec2 runs over
+  each clip's own speech; ``"video"`` runs it ONCE per video on its whole audio, as inference computes them for a
+  whole clip (wav2vec2's attention is global), and slices each clip's frames (memory then grows with the square
+  of the video's length; split videos of many minutes first);
 - latents of the unmasked and of the masked crops, encoded as one causal stream per clip exactly as the
   chunk pipeline encodes them (pixels in [-1, 1]; masked = pixels times the binarized mouth mask, so the mouth
   is 0; one batch of two through ``LatentEncoder`` in the released groups of 4 frames): [16, L, h, w] each,
@@ -81,6 +82,7 @@ log = logging.getLogger("lipforcing")
 FORMAT = "lipforcing-train-data/1"
 MANIFEST, COMMON = "manifest.json", "common.safetensors"
 PRESETS = ("tiny", "real")
+AUDIO_FEATURES = ("clip", "video")
 SILENT_PEAK = 1e-4
 """Audio whose peak stays below this (-80 dBFS) is silence: no speech to learn from."""
 NO_DATA = "no prepared data in {root} (run lipforcing prepare-data)"
@@ -120,8 +122,13 @@ class PrepareSettings:
     """torch-saved [1, text_len, text_dim] text embeddings (required by the real preset)."""
     mask: str | None = None
     """A mouth mask image (255 = keep) instead of the engine's built-in LatentSync-shaped mask."""
+    audio_features: str = "clip"
+    """clip: wav2vec2 over each clip's own speech (the release's training data); video: over the whole video's
+    speech, sliced per clip (what inference computes for a whole video)."""
 
     def __post_init__(self) -> None:
+        if self.audio_features not in AUDIO_FEATURES:
+            raise ConfigError(f"--audio-features must be one of {AUDIO_FEATURES}, got {self.audio_features!r}")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {PRESETS}")
         if self.codec not in CODECS:
@@ -223,7 +230,8 @@ def manifest_settings(settings: PrepareSettings, nets: PreparationNetworks) -> d
     return {"fps": OUTPUT_FPS, "size": settings.size, "clip_frames": settings.clip_frames, "stride": settings.stride,
             "codec": settings.codec, "preset": settings.preset, "latent_frames": settings.latent_frames,
             "latent_h": latent, "latent_w": latent, "audio_dim": nets.audio.feature_dim,
-            "text_len": nets.text_context.shape[1], "text_dim": nets.text_context.shape[2], "sample_rate": AUDIO_RATE}
+            "text_len": nets.text_context.shape[1], "text_dim": nets.text_context.shape[2], "sample_rate": AUDIO_RATE,
+            "audio_features": settings.audio_features}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,7 +360,7 @@ def prepare_source(path: Path, prefix: str, nets: PreparationNetworks, settings:
     need = settings.clip_frames
     if frames < need:
         return _skip(f"too short: {min(frames, _count_frames(path, frames))} frames, need {need}")
-    features = nets.audio(speech, frames).float().cpu()  # [frames, A]: the whole video's audio at once
+    whole = nets.audio(speech, frames).float().cpu() if settings.audio_features == "video" else None  # [frames, A]
     result = SourceResult()
     with tqdm(total=frames, desc=path.name, unit="frame", disable=not progress, leave=False) as bar:
         windows = _ClipWindows(path, frames, nets, settings, bar)
@@ -365,9 +373,12 @@ def prepare_source(path: Path, prefix: str, nets: PreparationNetworks, settings:
                 name = f"{prefix}-{start // settings.stride:04d}"
                 latents, masked = encode_clip(nets.encoder, pixels, nets.keep_pixels)
                 wav = speech[start * SAMPLES_PER_FRAME : (start + need) * SAMPLES_PER_FRAME]
+                if whole is None:
+                    features = nets.audio(wav, need).float().cpu()
+                else:  # a copy: overlapping clips (stride < clip) share rows of the features
+                    features = whole[start : start + need].clone()
                 result.tensors.update({f"{name}/latents": latents, f"{name}/masked_latents": masked,
-                                       # a copy: overlapping clips (stride < clip) share rows of the features
-                                       f"{name}/audio": features[start : start + need].clone(),
+                                       f"{name}/audio": features,
                                        f"{name}/wav": torch.from_numpy(wav.copy())})
                 result.clips.append({"id": name, "start_frame": start, "frames": need})
                 bar.set_postfix(clips=len(result.clips))
@@ -626,6 +637,18 @@ class TrainData:
                          masked_latents=torch.cat([c.masked_latents for c in clips]),
                          audio=torch.cat([c.audio for c in clips]), wav=torch.stack([c.wav for c in clips]))
 
+    def other_clip(self, index: int) -> int:
+        """Another clip than ``index``: the next one of the same source video (the same speaker) if it has one,
+        else the next clip of the data set."""
+        n, source = len(self.clips), self.clips[index].get("source")
+        for k in range(1, n):
+            j = (index + k) % n
+            if self.clips[j].get("source") == source:
+                return j
+        if n < 2:
+            raise ConfigError(f"{self.root}: one clip only; the copy check needs a second clip")
+        return (index + 1) % n
+
     def __getstate__(self) -> dict:  # data-loader workers open their own shards
         return {**self.__dict__, "_shards": {}}
 
@@ -655,6 +678,9 @@ def add_prepare_data_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--text-emb", "--text-embeds", dest="text_emb", metavar="FILE",
                    help="[1, 512, 4096] text embeddings (text_emb.pt); optional with --preset tiny")
     w.add_argument("--mask", metavar="IMAGE", help="mouth mask image (255 = keep) instead of the built-in one")
+    p.add_argument("--audio-features", default="clip", choices=AUDIO_FEATURES,
+                   help="clip: wav2vec2 over each clip's own speech (default, as the release trained); video: over "
+                        "the whole video, sliced per clip (as inference computes them)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -663,7 +689,7 @@ def settings_from_args(args: argparse.Namespace) -> PrepareSettings:
     return PrepareSettings(
         preset=args.preset, codec=args.codec, size=args.size, clip_frames=args.clip_frames, stride=args.stride,
         max_missing_faces=args.max_missing_faces, device=args.device or "", seed=args.seed, wav2vec=args.wav2vec,
-        vae=args.vae, taehv=args.taehv, text_emb=args.text_emb, mask=args.mask,
+        vae=args.vae, taehv=args.taehv, text_emb=args.text_emb, mask=args.mask, audio_features=args.audio_features,
     )
 
 

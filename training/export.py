@@ -17,9 +17,34 @@ import torch
 
 from ..engine.errors import ConfigError
 from ..engine.media.io import atomic_output
-from .networks import released_state_dict, trainable_network
+from .config import LoraConfig
+from .networks import ADAPTER, released_state_dict, trainable_network
 
 NETWORK_OF_STAGE = {"teacher": "teacher", "stage1": "student", "stage2": "student"}
+
+
+def network_from_init(preset: str, init: str | None, lora: LoraConfig, *, seed: int,
+                      device: torch.device | str = "cpu"):
+    """The network a run trains, from ``init`` (a checkpoint or a training run folder). With LoRA and
+    ``lora.init`` continue a run folder's network is taken as it trained, adapters unmerged, and its A/B (and its
+    fully trained modules) train on; otherwise the run's latest weights are merged (``resolve_init``) and
+    ``trainable_network`` builds on them."""
+    from .trainer import resolve_init
+
+    if not (lora.enabled and lora.init == "continue" and init is not None and (Path(init) / "run.json").exists()):
+        return trainable_network(preset, resolve_init(init), lora, seed=seed, device=device)
+    _, model = trained_network(init)
+    if not any(ADAPTER in getattr(m, "lora_A", {}) for m in model.modules()):
+        return trainable_network(preset, resolve_init(init), lora, seed=seed, device=device)
+    ranks = {m.lora_A[ADAPTER].weight.shape[0] for m in model.modules() if ADAPTER in getattr(m, "lora_A", {})}
+    if ranks != {lora.rank}:
+        raise ConfigError(f"{init}: its adapter has rank {sorted(ranks)}, this run's lora.rank is {lora.rank}; set "
+                          "lora.rank to the adapter's, or lora.init to fresh")
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if ".lora_" in name or name.split(".")[0] in lora.fully_trained:
+            p.requires_grad_(True)
+    return model.to(device).train()
 
 
 def trained_network(run_dir: str | Path, network: str | None = None):
@@ -28,7 +53,7 @@ def trained_network(run_dir: str | Path, network: str | None = None):
 
     import torch.distributed.checkpoint as dcp
 
-    from .trainer import Inits, latest_checkpoint, read_run, resolve_init
+    from .trainer import Inits, latest_checkpoint, read_run
 
     run_dir = Path(run_dir)
     cfg, record = read_run(run_dir)
@@ -42,7 +67,7 @@ def trained_network(run_dir: str | Path, network: str | None = None):
         raise ConfigError(f"{run_dir}: the run has no checkpoint yet (it writes one every {cfg.save_every} steps "
                           "and at the end)")
     init, seed = Inits(**record["inits"]).source(cfg.stage, name, cfg.seed)
-    model = trainable_network(cfg.preset, resolve_init(init), cfg.lora, seed=seed)
+    model = network_from_init(cfg.preset, init, cfg.lora, seed=seed)
     # the trained tensors, loaded in place (frozen weights come from the init)
     state = {f"model.{name}": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}}
     with warnings.catch_warnings():  # "loading in a single process": what is meant here

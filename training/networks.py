@@ -7,10 +7,17 @@ training never defines a second copy of the model.
     add_lora(model, cfg.lora, seed=0)                           # peft adapters; sets what is trainable
     model = trainable_network("tiny", init, cfg.lora, seed=0)   # both, as the trainer and the export build it
     state = released_state_dict(model)                          # LoRA merged, released key names (SPEC §10)
+
+``lora.init`` continue (the release's ``merge_lora=False``): an init checkpoint that carries an adapter
+(``<module>.lora_A.weight`` / ``<module>.lora_B.weight``, optionally ``.lora_A.default.weight`` as peft names them,
+beside the base weights under the released names) gives its A/B to the new adapter, which trains on from them; a
+training run folder as init is continued by ``training.export.network_from_init``. fresh: a new adapter (B = 0) on
+the merged weights.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -25,6 +32,7 @@ from ..engine.errors import ConfigError
 from .config import LoraConfig
 
 ADAPTER = "default"
+log = logging.getLogger("lipforcing")
 
 
 def build_network(preset: str, init: str | Path | None, *, seed: int = 0, device: torch.device | str = "cpu",
@@ -69,14 +77,60 @@ def add_lora(model: CausalWanStudent, lora: LoraConfig, *, seed: int = 0) -> Cau
     return model
 
 
+def split_adapter(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(base weights, adapter) of a checkpoint's tensors: the adapter maps ``<module>.lora_A`` / ``.lora_B`` to
+    their [r, in] / [out, r] weights (peft's ``.default`` dropped)."""
+    base, adapter = {}, {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
+        if m:
+            adapter[f"{m.group(1)}.{m.group(2)}"] = value
+        else:
+            base[key] = value
+    return base, adapter
+
+
+def load_adapter(model: CausalWanStudent, adapter: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``split_adapter``'s A/B into the model's injected adapters (every target must be there, ranks equal)."""
+    modules = dict(model.named_modules())
+    wanted = {f"{name}.{ab}" for name, m in modules.items() if ADAPTER in getattr(m, "lora_A", {})
+              for ab in ("lora_A", "lora_B")}
+    if set(adapter) != wanted:
+        missing, extra = sorted(wanted - set(adapter)), sorted(set(adapter) - wanted)
+        raise ConfigError(f"{source}: its adapter does not cover the LoRA targets (missing {missing[:3]}, "
+                          f"unexpected {extra[:3]}); train with lora.init fresh, or match lora.target_modules")
+    with torch.no_grad():
+        for key, value in adapter.items():
+            name, ab = key.rsplit(".", 1)
+            weight = getattr(modules[name], ab)[ADAPTER].weight
+            if weight.shape != value.shape:
+                raise ConfigError(f"{source}: adapter {key} is {tuple(value.shape)}, the run's LoRA (rank "
+                                  f"{weight.shape[0] if ab == 'lora_A' else weight.shape[1]}) wants "
+                                  f"{tuple(weight.shape)}; set lora.rank to the adapter's")
+            weight.copy_(value.to(weight.dtype))
+
+
 def trainable_network(preset: str, init: str | Path | None, lora: LoraConfig, *, seed: int,
                       device: torch.device | str = "cpu") -> CausalWanStudent:
     """A network as a run trains it: ``build_network`` then LoRA (``lora.enabled``) or every parameter trained.
-    The trainer and the export build it the same way, so a checkpoint's trained tensors fit either."""
-    model = build_network(preset, init, seed=seed, device=device)
-    if lora.enabled:
-        return add_lora(model, lora, seed=seed)
-    return model.requires_grad_(True)
+    With ``lora.init`` continue and an init checkpoint that carries an adapter, the adapter starts from its A/B on
+    the unmerged base weights. The trainer and the export build it the same way, so a checkpoint's trained tensors
+    fit either."""
+    if not lora.enabled:
+        return build_network(preset, init, seed=seed, device=device).requires_grad_(True)
+    if lora.init == "continue" and init is not None:
+        from ..engine.dit.checkpoint import load_into, read_state_dict
+
+        base, adapter = split_adapter(read_state_dict(init))
+        if adapter:
+            with torch.device("meta"):
+                model = CausalWanStudent(ModelConfig.from_name(preset))
+            load_into(model, base, device=device, dtype=torch.float32, source=str(init))
+            model = add_lora(model.train(), lora, seed=seed)
+            load_adapter(model, adapter, str(init))
+            return model
+        log.info("%s carries no LoRA adapter: a fresh one (B = 0) starts on its weights", init)
+    return add_lora(build_network(preset, init, seed=seed, device=device), lora, seed=seed)
 
 
 @torch.no_grad()

@@ -3,10 +3,17 @@
     reward = load_reward("14b", "taew2_1.pth", "syncnet_v2.model", "cuda")   # or SyncReward(taehv, syncnet)
     r = reward(latents, wav)                            # latents [B, 16, L, h, w], wav [B, S] 16 kHz -> r [B]
 
-The decoded clip is the aligned face itself, so SyncNet sees the whole frame resized to 224 x 224, **BGR, 0..255**
-(as ``syncnet_python`` feeds it), against 13 MFCCs of the **int16-scaled** speech; Sync-C is the median minus the
-minimum of the mean embedding distance over offsets -15..15 (``engine.quality.syncnet``: one implementation of the
-protocol). No gradient flows through the reward.
+The decoded clip is the aligned face itself, so SyncNet sees the whole frame resized to 224 x 224, **BGR, 0..255**,
+against 13 MFCCs of the speech; Sync-C is the median minus the minimum of the mean embedding distance over offsets
+-15..15 (``engine.quality.syncnet``: one implementation of each formula). Two formulas (``reward_sync_c``):
+
+    release          the released reward (``sync_c_scorer.SyncCScorer``), the default: frames truncated to uint8
+                     (``(x * 255).to(uint8)``) and resized without rounding, speech x 32768, each shift's distances
+                     averaged over the overlapping windows only (``release_sync_c``)
+    syncnet_python   ``lipforcing eval``'s protocol: frames resized and rounded to uint8, speech x 32767 rounded,
+                     the zero-padded distance table
+
+No gradient flows through the reward.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.errors import ConfigError
-from ..engine.quality.syncnet import CROP_SIZE, distance_table, embed, int16_scale, mfcc, sync_scores
+from ..engine.quality.syncnet import (CROP_SIZE, distance_table, embed, int16_scale, mfcc, release_sync_c,
+                                      sync_scores)
 
 
 def face_crops_bgr(frames: torch.Tensor) -> np.ndarray:
@@ -26,11 +34,19 @@ def face_crops_bgr(frames: torch.Tensor) -> np.ndarray:
     return x.flip(1).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def release_face_crops_bgr(frames: torch.Tensor) -> np.ndarray:
+    """frames [N, 3, H, W] RGB in [0, 1] -> float32 [N, 224, 224, 3] BGR 0..255 as the released reward makes them:
+    truncated to uint8 at the decoder's size, then resized bilinearly without rounding."""
+    u8 = (frames.float().clamp(0, 1) * 255).to(torch.uint8)
+    x = F.interpolate(u8.float(), size=(CROP_SIZE, CROP_SIZE), mode="bilinear", align_corners=False)
+    return x.flip(1).permute(0, 2, 3, 1).cpu().numpy()
+
+
 class SyncReward:
     """SyncNet confidence (Sync-C) of decoded latents against speech."""
 
-    def __init__(self, taehv, syncnet, *, device: torch.device | str = "cpu") -> None:
-        self.taehv, self.syncnet, self.device = taehv, syncnet, device
+    def __init__(self, taehv, syncnet, *, device: torch.device | str = "cpu", formula: str = "release") -> None:
+        self.taehv, self.syncnet, self.device, self.formula = taehv, syncnet, device, formula
 
     @torch.no_grad()
     def frames(self, latents: torch.Tensor) -> torch.Tensor:
@@ -43,6 +59,10 @@ class SyncReward:
         """Decoded frames [B, N, 3, H, W] in [0, 1], wav [B, S] float 16 kHz -> Sync-C per sample [B] float32 (CPU)."""
         out = []
         for clip, speech in zip(frames, wav):
+            if self.formula == "release":
+                speech = speech.cpu().float().numpy()
+                out.append(release_sync_c(self.syncnet, release_face_crops_bgr(clip), speech, device=self.device).sync_c)
+                continue
             speech = speech.cpu().double().numpy()
             video, audio = embed(self.syncnet, face_crops_bgr(clip), mfcc(int16_scale(speech)), samples=speech.size,
                                  device=self.device)
@@ -55,7 +75,7 @@ class SyncReward:
 
 
 def load_reward(preset: str, taehv: str | None, syncnet: str | None, device: torch.device | str,
-                seed: int = 0) -> SyncReward:
+                seed: int = 0, formula: str = "release") -> SyncReward:
     """The reward's networks: ``taew2_1.pth`` and ``syncnet_v2.model``; the tiny preset, without them, uses the tiny
     model's random TAEHV (the one ``prepare-data --preset tiny`` encodes with, same ``seed``) and a random SyncNet.
     Both frozen."""
@@ -73,4 +93,4 @@ def load_reward(preset: str, taehv: str | None, syncnet: str | None, device: tor
 
         decoder = tiny_networks(device, seed=seed)[2]
     net = load_syncnet(syncnet, device) if syncnet else random_syncnet(seed, device)
-    return SyncReward(decoder.requires_grad_(False), net.requires_grad_(False), device=device)
+    return SyncReward(decoder.requires_grad_(False), net.requires_grad_(False), device=device, formula=formula)

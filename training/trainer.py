@@ -43,7 +43,7 @@ from ..engine.media.io import atomic_output, write_json
 from .batch import SampleRandom, TrainBatch
 from .config import TrainConfig, from_json
 from .data import TrainData
-from .networks import build_network, trainable_network
+from .networks import build_network
 
 log = logging.getLogger("lipforcing")
 
@@ -126,7 +126,8 @@ def shard(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 class TrainRun:
-    """One run folder: builds the networks of ``cfg.stage``, trains ``cfg.steps`` steps, checkpoints, resumes."""
+    """One run folder: builds the networks of ``cfg.stage``, trains ``cfg.iterations`` steps, checkpoints,
+    resumes."""
 
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, inits: Inits = Inits(),
                  device: str | None = None, tensorboard: bool = False, progress: bool = True) -> None:
@@ -187,8 +188,9 @@ class TrainRun:
 
     def _trained(self, network: str) -> nn.Module:
         init, seed = self.inits.source(self.cfg.stage, network, self.cfg.seed)
-        model = trainable_network(self.cfg.preset, resolve_init(init), self.cfg.lora, seed=seed,
-                                  device=self.procs.device)
+        from .export import network_from_init
+
+        model = network_from_init(self.cfg.preset, init, self.cfg.lora, seed=seed, device=self.procs.device)
         return shard(model, self.cfg)
 
     def _build_objective(self):
@@ -212,7 +214,8 @@ class TrainRun:
         reward = None
         if cfg.reward:
             try:
-                reward = load_reward(cfg.preset, inits.taehv, inits.syncnet, self.procs.device)
+                reward = load_reward(cfg.preset, inits.taehv, inits.syncnet, self.procs.device,
+                                     formula=cfg.reward_sync_c)
             except ConfigError as exc:
                 raise ConfigError(f"{exc}; or train without it: --no-reward") from None
         return SelfForcingDMD(cfg, self._trained("student"), teacher, self._trained("critic"), self.stream, reward)
@@ -239,40 +242,73 @@ class TrainRun:
     # --- the loop -------------------------------------------------------------------------------------------
 
     def train_step(self, step: int) -> dict:
-        """Run step ``step`` (0-based): every phase of the objective, its micro-batches, clipping and the update.
-        Returns the logged record (losses averaged over the global batch)."""
+        """Run step ``step`` (0-based; iteration ``step + 1``): every phase of the objective computes its gradients
+        over its micro-batches, then each phase's network is clipped (the critic only with ``clip_critic``) and
+        steps. No network steps before every phase has its gradients (the release's combined step). Returns the
+        logged record (losses averaged over the global batch)."""
+        cfg = self.cfg
         record: dict = {"step": step + 1}
         record.update(self.objective.begin_step(step))
-        for phase in self.objective.phases_at(step):
+        phases = self.objective.phases_at(step)
+        for phase in phases:
             net, opt = self.objective.trained[phase], self.optimizers[phase]
             opt.zero_grad(set_to_none=True)
+            scale = self.procs.world / cfg.batch  # FSDP averages over processes: the global batch mean
+            if phase == "critic" and "student" in phases:
+                scale *= cfg.critic_grad_scale_on_student_steps
             total = torch.zeros((), dtype=torch.float64)
             infos: dict[str, float] = {}  # per-sample means of what the loss reports, summed over this process
             for slots in self.micro_batches(step):
                 clips = self.data.batch([self.clip_index(s) for s in slots])
                 batch = TrainBatch.from_clips(clips, self.data, self.procs.device)
-                rng = SampleRandom(self.cfg.seed, step, PHASE_INDEX[phase], slots, self.procs.device)
+                rng = SampleRandom(cfg.seed, step, PHASE_INDEX[phase], slots, self.procs.device)
                 per_sample, info = self.objective.loss(phase, batch, rng)
-                (per_sample.sum() * (self.procs.world / self.cfg.batch)).backward()
+                (per_sample.sum() * scale).backward()
                 total += per_sample.detach().double().sum().cpu()
                 for k, v in info.items():
                     infos[k] = infos.get(k, 0.0) + v * len(slots)
-            norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], self.cfg.grad_clip)
-            opt.step()
             sums = torch.tensor([float(total), *infos.values()], dtype=torch.float64)
             dist.all_reduce(sums)  # every process's samples: the global batch
-            loss = float(sums[0]) / self.cfg.batch
+            loss = float(sums[0]) / cfg.batch
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step + 1}: the {phase} loss is {loss}")
             record[f"{phase}_loss"] = loss
+            record.update({k: float(v) / cfg.batch for k, v in zip(infos, sums[1:])})
+        for phase in phases:
+            net = self.objective.trained[phase]
+            clip = cfg.grad_clip if phase != "critic" or cfg.clip_critic else math.inf
+            norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], clip)
             record[f"{phase}_grad_norm"] = float(_full(norm))
-            record.update({k: float(v) / self.cfg.batch for k, v in zip(infos, sums[1:])})
-            # "loss" is the student's (the generator's in stage 2) where it trained this step, else the phase's
-            record["loss"] = record.get("student_loss", loss)
+            self.optimizers[phase].step()
+        # "loss" is the student's (the generator's in stage 2) where it trained this step, else the phase's
+        record["loss"] = record.get("student_loss", record[f"{phases[-1]}_loss"])
+        if cfg.copy_check_every and (step + 1) % cfg.copy_check_every == 0:
+            record.update(self.copy_check(step))
         return record
 
+    def copy_check(self, step: int) -> dict:
+        """The copy-risk metric (``training.copy_risk``) on this step's first micro-batch of this process, averaged
+        over the processes."""
+        from .copy_risk import copy_losses
+
+        slots = self.micro_batches(step)[0]
+        indices = [self.clip_index(s) for s in slots]
+        batch = TrainBatch.from_clips(self.data.batch(indices), self.data, self.procs.device)
+        others = [self.data.other_clip(i) for i in indices]
+        other = TrainBatch.from_clips(self.data.batch(others), self.data, self.procs.device)
+        student = self.objective.trained.get("student") or self.objective.trained["teacher"]
+        losses = copy_losses(student, self.stream, batch, other.latents, self.cfg,
+                             SampleRandom(self.cfg.seed, step, 3, slots, self.procs.device))
+        values = torch.tensor([float(v.mean()) for v in losses.values()], dtype=torch.float64)
+        dist.all_reduce(values)
+        values /= self.procs.world
+        out = {f"copy_{k}": float(v) for k, v in zip(losses, values)}
+        out["copy_gap"] = out["copy_swapped"] - out["copy_own"]
+        return out
+
     def train(self) -> list[dict]:
-        """Train from the latest checkpoint (or the start) to ``cfg.steps``; returns this call's log records."""
+        """Train from the latest checkpoint (or the start) through ``cfg.iterations`` iterations (as the release counts
+        them with ``release_iterations``: 1 .. steps - 1); returns this call's log records."""
         start = self.resume()
         rank0 = self.procs.rank == 0
         writer = self._tensorboard() if rank0 and self.tensorboard else None
@@ -280,11 +316,11 @@ class TrainRun:
         if rank0 and self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.cfg.steps, initial=start, desc=f"train {self.cfg.stage}", unit="step",
+            bar = tqdm(total=self.cfg.iterations, initial=start, desc=f"train {self.cfg.stage}", unit="step",
                        file=sys.stderr, dynamic_ncols=True)
         records = []
         try:
-            for step in range(start, self.cfg.steps):
+            for step in range(start, self.cfg.iterations):
                 t0 = time.perf_counter()
                 record = self.train_step(step)
                 record["seconds"] = round(time.perf_counter() - t0, 4)
@@ -299,7 +335,7 @@ class TrainRun:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{record['loss']:.4g}")
-                if (step + 1) % self.cfg.save_every == 0 or step + 1 == self.cfg.steps:
+                if (step + 1) % self.cfg.save_every == 0 or step + 1 == self.cfg.iterations:
                     self.save(step + 1)
         finally:
             if bar is not None:

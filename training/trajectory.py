@@ -209,7 +209,8 @@ def load_networks(settings: TrajectorySettings, device: torch.device) -> tuple[n
     teacher = build_network(settings.preset, resolve_init(settings.teacher), seed=settings.seed,
                             device=device, dtype=dtype)
     teacher.requires_grad_(False).eval()
-    return teacher, load_reward(settings.preset, settings.taehv, settings.syncnet, device, seed=settings.seed)
+    return teacher, load_reward(settings.preset, settings.taehv, settings.syncnet, device, seed=settings.seed,
+                               formula="syncnet_python")  # the paper's metric, as lipforcing eval
 
 
 # ---------------------------------------------------------------------------------------------------

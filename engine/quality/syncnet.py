@@ -202,12 +202,13 @@ def window_count(n_frames: int, n_samples: int) -> int:
 
 @torch.no_grad()
 def embed(net: SyncNet, crops_bgr: np.ndarray, ceps: np.ndarray, *, samples: int | None = None, batch: int = 20,
-          device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+          device: str | torch.device = "cpu", windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(video, audio) embeddings of every window: crops uint8 [N, 224, 224, 3] BGR, ceps [T, 13] of ``samples``
     samples of speech (the window count follows the samples, as the reference counts them) -> float32 [W, 1024]
     each."""
     samples = samples if samples is not None else ceps.shape[0] * 160
-    windows = window_count(len(crops_bgr), samples)
+    if windows is None:  # ``windows`` given: the caller's count (the released reward's)
+        windows = window_count(len(crops_bgr), samples)
     windows = min(windows, (ceps.shape[0] - 20) // MFCC_PER_FRAME + 1)  # every window's 20 MFCC rows exist
     if windows < 1:
         raise MediaError(f"too short for SyncNet: {len(crops_bgr)} frames and {ceps.shape[0] / 100:.2f} s of speech "
@@ -261,3 +262,42 @@ def score(net: SyncNet, frames: np.ndarray, face_boxes: np.ndarray, speech: np.n
     crops = syncnet_crops(frames, face_boxes)
     video, audio = embed(net, crops, mfcc(int16_scale(speech)), samples=speech.size, device=device)
     return sync_scores(distance_table(video, audio))
+
+
+# --- the released reward's formula ----------------------------------------------------------------------------
+
+
+def scale_32768(audio: np.ndarray) -> np.ndarray:
+    """Float speech -> the released reward's MFCC input: times 32768 in float32, no rounding, no clipping."""
+    return np.asarray(audio, np.float32) * np.float32(32768.0)
+
+
+def release_sync_scores(table: np.ndarray) -> SyncResult:
+    """Sync-C, Sync-D and the offset of a distance table [W, 2 vshift + 1] as the released reward averages it: at
+    each shift s only the W - |s| pairs of video window i and audio window i + s that both exist (the table's zero
+    padding beyond the ends is left out)."""
+    table = np.asarray(table, np.float64)
+    if table.ndim != 2 or table.shape[1] % 2 != 1 or table.shape[0] < 1:
+        raise ValueError(f"a distance table is [windows, 2 vshift + 1], got {table.shape}")
+    windows, vshift = table.shape[0], table.shape[1] // 2
+    if windows <= vshift:  # the release averages an empty set there (NaN)
+        raise MediaError(f"too short for the released Sync-C: {windows} windows, it needs more than {vshift} "
+                         f"({vshift + WINDOW + 1} frames)")
+    i = np.arange(windows)[:, None]
+    shift = np.arange(-vshift, vshift + 1)[None, :]
+    valid = (i + shift >= 0) & (i + shift < windows)  # [W, 2 vshift + 1]
+    mean = (table * valid).sum(0) / valid.sum(0)
+    best = int(mean.argmin())
+    return SyncResult(sync_c=float(np.median(mean) - mean[best]), sync_d=float(mean[best]), offset=vshift - best,
+                      windows=windows)
+
+
+def release_sync_c(net: SyncNet, crops_bgr: np.ndarray, speech: np.ndarray, *,
+                   device: str | torch.device = "cpu") -> SyncResult:
+    """The released reward's scores of face crops [N, 224, 224, 3] BGR (uint8, or float 0..255: the release feeds
+    resized pixels unrounded) against float speech at 16 kHz: ``scale_32768`` speech, every 5-frame window that has
+    its 20 MFCC rows, ``release_sync_scores``."""
+    ceps = mfcc(scale_32768(speech))
+    video, audio = embed(net, np.ascontiguousarray(crops_bgr, np.float32), ceps, windows=len(crops_bgr) - WINDOW + 1,
+                         device=device)  # capped by the MFCC rows: min(frames - 4, (rows - 20) // 4 + 1)
+    return release_sync_scores(distance_table(video, audio))

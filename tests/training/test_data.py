@@ -135,7 +135,8 @@ def test_latents_and_audio_are_the_engines_on_the_aligned_frames(tiny_data, tiny
     encoder = make_encoder("taehv", taehv=tiny_networks("cpu", seed=0)[2], group_frames=4)
     masked, unmasked = encoder.push(torch.stack([pixels * keep, pixels]))
     speech = load_audio(source)
-    features = tiny_wav2vec2(0)(speech, speech.size // 640)[:FRAMES]
+    features = tiny_wav2vec2(0)(speech[: FRAMES * 640], FRAMES)  # the default: the clip's own speech
+    whole_video = tiny_wav2vec2(0)(speech, speech.size // 640)[:FRAMES]  # --audio-features video
 
     data = TrainData(tiny_data)
     clip = data.clip(0)
@@ -144,6 +145,7 @@ def test_latents_and_audio_are_the_engines_on_the_aligned_frames(tiny_data, tiny
     assert rel_error(clip.latents[0], unmasked) < tol
     assert rel_error(clip.masked_latents[0], masked) < tol
     assert rel_error(clip.audio[0], features) < tol
+    assert rel_error(clip.audio[0], whole_video) > 100 * tol  # the two choices differ: the test tells them apart
     assert torch.equal(data.mask_latent, latent_mask_channel(mouth_mask01(), SIDE, SIDE))
     # Masking changes the latents, and most where the mouth is (the encoder is local in space).
     change = (clip.latents - clip.masked_latents).abs().mean(dim=(0, 1, 2))  # [h, w]
