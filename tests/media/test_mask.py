@@ -60,21 +60,38 @@ def test_latent_channel_semantics() -> None:
     assert ch.shape == (1, 1, 1, 40, 24) and ch.dtype == torch.float32
     assert set(ch.unique().tolist()) == {0.0, 1.0}
     assert ch[0, 0, 0, 28, 12] == 1.0 and ch[0, 0, 0, 2, 12] == 0.0  # mouth = 1, forehead = 0
-    # Bilinear, align_corners False, no antialias, threshold > 0.5, invert.
-    resized = torch.nn.functional.interpolate(keep[None, None], size=(40, 24), mode="bilinear", align_corners=False)
-    assert torch.equal(ch[0, 0, 0], (resized[0, 0] <= 0.5).float())
+
+
+def test_latent_channel_resize_and_threshold_on_known_blocks() -> None:
+    """Bilinear, align_corners False, no antialias, keep where > 0.5, invert, on masks whose resize is known:
+    halving a size averages each 2x2 block (3/4 kept -> keep, 2/4 -> exactly 0.5, not kept -> mouth); quartering
+    it reads only the centre 2x2 of each 4x4 block (an antialiased or area resize would see the border too)."""
+    blocks = torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]])  # [2, 2x3] -> 3 blocks
+    keep = blocks.repeat(2, 1)  # [4, 6]: block sums 3, 2, 1 (left to right), twice
+    assert latent_mask_channel(keep, 2, 3)[0, 0, 0].tolist() == [[0.0, 1.0, 1.0]] * 2
+    ring = torch.zeros(4, 8)
+    ring[1:3, 1:3] = 1  # left block: only the centre kept (4/16)
+    ring[:, 4:] = 1
+    ring[1:3, 5:7] = 0  # right block: all but the centre kept (12/16)
+    assert latent_mask_channel(ring, 1, 2)[0, 0, 0].tolist() == [[0.0, 1.0]]
 
 
 def test_pixel_and_soft_masks() -> None:
+    """The soft mask is the bilinear resize (align_corners False: edge pixels clamp) and the pixel mask keeps
+    where it is above 0.5: a 2x2 checkerboard at 4x4 has the separable profile a = (1, 3/4, 1/4, 0)."""
+    checker = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    a = torch.tensor([1.0, 0.75, 0.25, 0.0])
+    expected = a[:, None] * a[None, :] + (1 - a)[:, None] * (1 - a)[None, :]  # e.g. [1, 1]: 9/16 + 1/16
+    soft, hard = soft_mask(checker, 4), pixel_mask(checker, 4)
+    assert soft.shape == hard.shape == (4, 4)
+    torch.testing.assert_close(soft, expected, rtol=0, atol=1e-6)
+    assert hard.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]  # 0.625 kept, 0.375 not
     keep = mouth_mask01()
-    soft, hard = soft_mask(keep, 512), pixel_mask(keep, 512)
-    assert soft.shape == hard.shape == (512, 512)
-    assert torch.equal(hard, (soft > 0.5).float())
-    assert ((soft > 0) & (soft < 1)).any(), "the soft mask keeps the bilinear edge"
+    assert ((soft_mask(keep, 512) > 0) & (soft_mask(keep, 512) < 1)).any(), "the soft mask keeps the bilinear edge"
     assert pixel_mask(keep, (96, 64)).shape == (96, 64)
-    video = torch.rand(3, 512, 512) * 2 - 1
-    masked = video * hard
-    assert torch.all(masked[:, hard == 0] == 0)
+    # the masked-video stream zeroes the region the mask channel marks: at 8x (the VAE's stride) they agree
+    mouth_pixels = 1 - pixel_mask(keep, 512).reshape(64, 8, 64, 8).mean((1, 3))
+    assert iou(latent_mask_channel(keep, 64, 64)[0, 0, 0], mouth_pixels > 0.5) >= 0.98  # measured 0.984
 
 
 def _save(tmp_path: Path, name: str, array: np.ndarray, mode: str | None = None) -> Path:
