@@ -2,6 +2,7 @@
 
     dtype = parse_dtype("bf16")              # bf16 | fp16 | fp32 -> torch dtype (ConfigError otherwise)
     dtype_name(torch.bfloat16)               # "bf16"
+    dtype, fp8 = parse_precision("fp8")      # a --dtype: the compute dtype, and e4m3 block weights + KV cache
     with built_in(torch.bfloat16, "cuda"):   # modules made here are born bf16 on the GPU (no fp32 copy)
         vae = WanVAE(WanVAEConfig())
     err = rel_error(out, ref)                # ||out - ref|| / ||ref|| in float64 (golden checks, tests)
@@ -24,6 +25,19 @@ def parse_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+PRECISIONS = (*DTYPES, "fp8")
+"""What ``--dtype`` accepts: a compute dtype, or fp8 (e4m3 block weights and KV cache computing in bf16)."""
+
+
+def parse_precision(name: str) -> tuple[torch.dtype, bool]:
+    """(compute dtype, fp8) of a ``--dtype`` name: fp8 is (bfloat16, True), see engine/dit/fp8.py."""
+    if name == "fp8":
+        return torch.bfloat16, True
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(PRECISIONS)}")
+    return DTYPES[name], False
 
 
 @contextlib.contextmanager

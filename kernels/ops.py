@@ -63,17 +63,19 @@ def _sink_window_attention_op(
     pairs_w: int,
     theta: float,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     launch = _launcher("sink_window_attention", "sink_window_attention", q.device)
     return launch(
         q, k_live, v_live, k_cache, v_cache, q_frame_pos, cache_frame_pos,
-        (rows, cols), (pairs_t, pairs_h, pairs_w), theta, scale,
+        (rows, cols), (pairs_t, pairs_h, pairs_w), theta, scale, k_scale=k_scale, v_scale=v_scale,
     )
 
 
 @_sink_window_attention_op.register_fake
 def _(q, k_live, v_live, k_cache, v_cache, q_frame_pos, cache_frame_pos, rows, cols, pairs_t, pairs_h,
-      pairs_w, theta, scale):
+      pairs_w, theta, scale, k_scale=None, v_scale=None):
     torch._check(k_live.shape == q.shape and v_live.shape == q.shape, lambda: "k_live/v_live must match q")
     torch._check(k_cache.shape == v_cache.shape, lambda: "k_cache and v_cache shapes differ")
     return _contiguous_like(q)
@@ -91,11 +93,14 @@ def attention(
     pairs_thw: tuple[int, int, int],
     theta: float = 10000.0,
     scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sink + window attention with fused dynamic RoPE; see ``sink_window_attention.sink_window_attention``.
 
     q, k_live, v_live: [B, Lq, H, D]; k_cache, v_cache: [B, Lc, H, D]; q_frame_pos: [Fq] int;
-    cache_frame_pos: [Fc] int; grid_hw: (rows, cols); pairs_thw: RoPE pairs per axis.
+    cache_frame_pos: [Fc] int; grid_hw: (rows, cols); pairs_thw: RoPE pairs per axis; k_scale, v_scale:
+    [B, Fc, H] float32 for an e4m3 cache (read directly, dequantised in registers).
     Returns [B, Lq, H, D] in q's dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -103,7 +108,7 @@ def attention(
     pt, ph, pw = (int(p) for p in pairs_thw)
     return torch.ops.lipforcing.sink_window_attention(
         q, k_live, v_live, k_cache, v_cache, q_frame_pos, cache_frame_pos, rows, cols, pt, ph, pw,
-        float(theta), scale,
+        float(theta), scale, k_scale, v_scale,
     )
 
 

@@ -97,11 +97,15 @@ def _load_rotated(
     is_t,                      # [HALF]
     is_h,                      # [HALF]
     freq,                      # [HALF]
+    scale_ptr,                 # SCALED: [F] float32 dequantisation scale per frame (this head's), stride_scale
+    stride_scale,
     BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
-    """Load a [BLOCK, HEAD_DIM] tile and return its RoPE-rotated (even, odd) halves in fp32."""
+    """Load a [BLOCK, HEAD_DIM] tile (e4m3 times its frame's scale when SCALED) and return its RoPE-rotated
+    (even, odd) halves in fp32."""
     HALF: tl.constexpr = HEAD_DIM // 2
     offs_p = tl.arange(0, HALF)
     valid = offs_tok < n_tok
@@ -111,6 +115,10 @@ def _load_rotated(
     x_odd = tl.load(ptrs + 1, mask=valid[:, None], other=0.0).to(tl.float32)
 
     frame = offs_tok // tokens_per_frame
+    if SCALED:
+        s = tl.load(scale_ptr + frame * stride_scale, mask=valid, other=0.0)
+        x_even = x_even * s[:, None]
+        x_odd = x_odd * s[:, None]
     in_frame = offs_tok - frame * tokens_per_frame
     row = (in_frame // cols).to(tl.float32)
     col = (in_frame % cols).to(tl.float32)
@@ -130,10 +138,12 @@ def _attend_keys(
     pos_ptr, cols, tokens_per_frame,
     is_t, is_h, freq,
     qk_scale,                  # softmax scale * log2(e)
+    k_scale_ptr, v_scale_ptr, stride_scale,  # SCALED: e4m3 keys / values, one float32 scale per frame
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     """Online-softmax pass over n_keys keys starting at k_ptr / v_ptr."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -143,7 +153,7 @@ def _attend_keys(
         valid = offs_n < n_keys
         k_even, k_odd = _load_rotated(
             k_ptr + start * stride_k_tok, offs_n, n_keys, stride_k_tok, pos_ptr, cols, tokens_per_frame,
-            is_t, is_h, freq, BLOCK_N, HEAD_DIM, USE_LIBDEVICE,
+            is_t, is_h, freq, k_scale_ptr, stride_scale, BLOCK_N, HEAD_DIM, USE_LIBDEVICE, SCALED,
         )
         k_even = k_even.to(q_even.dtype)
         k_odd = k_odd.to(q_even.dtype)
@@ -158,6 +168,9 @@ def _attend_keys(
         v = tl.load(
             v_ptr + (start + rows_in)[:, None] * stride_v_tok + offs_d[None, :], mask=valid[:, None], other=0.0
         )
+        if SCALED:
+            sv = tl.load(v_scale_ptr + (offs_n // tokens_per_frame) * stride_scale, mask=valid, other=0.0)
+            v = (v.to(tl.float32) * sv[:, None]).to(q_even.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -169,6 +182,8 @@ def _attend_keys(
 def _sink_window_attention_fwd_kernel(
     q_ptr, k_live_ptr, v_live_ptr, k_cache_ptr, v_cache_ptr, o_ptr,
     q_pos_ptr, cache_pos_ptr,
+    k_scale_ptr, v_scale_ptr,  # KV_FP8: [B, Fc, H] float32 scales of the e4m3 cache (strides stride_s*)
+    stride_sb, stride_sf, stride_sh,
     stride_qb, stride_ql, stride_qh,
     stride_klb, stride_kll, stride_klh,
     stride_vlb, stride_vll, stride_vlh,
@@ -185,6 +200,7 @@ def _sink_window_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
@@ -198,7 +214,7 @@ def _sink_window_attention_fwd_kernel(
     q_base = q_ptr + b * stride_qb + h * stride_qh + pid_m * BLOCK_M * stride_ql
     q_even, q_odd = _load_rotated(
         q_base, offs_m, LQ, stride_ql, q_pos_ptr, cols, tokens_per_frame,
-        is_t, is_h, freq, BLOCK_M, HEAD_DIM, USE_LIBDEVICE,
+        is_t, is_h, freq, k_scale_ptr, 0, BLOCK_M, HEAD_DIM, USE_LIBDEVICE, False,
     )
     q_even = q_even.to(q_ptr.dtype.element_ty)   # [BLOCK_M, HALF]
     q_odd = q_odd.to(q_ptr.dtype.element_ty)
@@ -211,13 +227,16 @@ def _sink_window_attention_fwd_kernel(
         acc, m_i, l_i, q_even, q_odd,
         k_cache_ptr + b * stride_kcb + h * stride_kch, v_cache_ptr + b * stride_vcb + h * stride_vch,
         LC, stride_kcl, stride_vcl, cache_pos_ptr, cols, tokens_per_frame,
-        is_t, is_h, freq, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, USE_LIBDEVICE,
+        is_t, is_h, freq, qk_scale,
+        k_scale_ptr + b * stride_sb + h * stride_sh, v_scale_ptr + b * stride_sb + h * stride_sh, stride_sf,
+        BLOCK_N, HEAD_DIM, DOT_PRECISION, USE_LIBDEVICE, KV_FP8,
     )
     acc, m_i, l_i = _attend_keys(
         acc, m_i, l_i, q_even, q_odd,
         k_live_ptr + b * stride_klb + h * stride_klh, v_live_ptr + b * stride_vlb + h * stride_vlh,
         LQ, stride_kll, stride_vll, q_pos_ptr, cols, tokens_per_frame,
-        is_t, is_h, freq, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, USE_LIBDEVICE,
+        is_t, is_h, freq, qk_scale, k_scale_ptr, v_scale_ptr, 0,
+        BLOCK_N, HEAD_DIM, DOT_PRECISION, USE_LIBDEVICE, False,
     )
 
     out = acc / l_i[:, None]
@@ -294,7 +313,8 @@ def tuning_events() -> int:
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
-def _check_inputs(q, k_live, v_live, k_cache, v_cache, q_frame_pos, cache_frame_pos, grid_hw, pairs_thw):
+def _check_inputs(q, k_live, v_live, k_cache, v_cache, q_frame_pos, cache_frame_pos, grid_hw, pairs_thw,
+                  k_scale=None, v_scale=None):
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Lq, H, D], got shape {tuple(q.shape)}")
     b, lq, h, d = q.shape
@@ -309,9 +329,22 @@ def _check_inputs(q, k_live, v_live, k_cache, v_cache, q_frame_pos, cache_frame_
         raise ValueError(f"k_cache must be [B={b}, Lc, H={h}, D={d}], got {tuple(k_cache.shape)}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache {tuple(k_cache.shape)}")
+    cache_dtype = q.dtype
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("k_scale and v_scale go together (an e4m3 cache) or not at all")
+    if k_scale is not None:
+        cache_dtype = torch.float8_e4m3fn
+        frames = cache_frame_pos.shape[0] if cache_frame_pos.dim() == 1 else -1
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if t.dtype != torch.float32 or tuple(t.shape) != (b, frames, h) or t.device != q.device:
+                raise ValueError(f"{name} must be float32 [B={b}, Fc={frames}, H={h}] on {q.device}, "
+                                 f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if k_scale.stride() != v_scale.stride():
+            raise ValueError(f"k_scale and v_scale must have the same strides ({k_scale.stride()} vs {v_scale.stride()})")
     for name, t in (("q", q), ("k_live", k_live), ("v_live", v_live), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} differs from q dtype {q.dtype}")
+        expected = cache_dtype if name.endswith("cache") else q.dtype
+        if t.dtype != expected:
+            raise TypeError(f"{name} dtype {t.dtype} differs from {expected}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
         if t.numel() and t.stride(-1) != 1:
@@ -345,6 +378,8 @@ def sink_window_attention(
     scale: float | None = None,
     *,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of the chunk's queries over [cache keys, live keys], RoPE applied on the fly.
 
@@ -356,9 +391,12 @@ def sink_window_attention(
     cache_frame_pos: [Fc] int temporal positions of the cached frames.
     grid_hw: (rows, cols) of each frame's token grid. pairs_thw: complex pairs per axis, summing to D/2.
     scale: softmax scale, default 1/sqrt(D). out: optional [B, Lq, H, D] buffer in q's dtype.
+    k_scale, v_scale: [B, Fc, H] float32 when the cache is e4m3 (``SinkWindowCache(kv_fp8=True)``): each cached
+        frame's keys / values are read as e4m3 values times their frame's and head's scale.
     Returns o: [B, Lq, H, D] in q's dtype.
     """
-    _check_inputs(q, k_live, v_live, k_cache, v_cache, q_frame_pos, cache_frame_pos, grid_hw, pairs_thw)
+    _check_inputs(q, k_live, v_live, k_cache, v_cache, q_frame_pos, cache_frame_pos, grid_hw, pairs_thw,
+                  k_scale, v_scale)
     b, lq, h, d = q.shape
     rows, cols = grid_hw
     if out is None:
@@ -369,8 +407,10 @@ def sink_window_attention(
         return out
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     pt, ph, pw = (int(p) for p in pairs_thw)
+    fp8 = k_scale is not None
+    scales = (k_scale, v_scale, *k_scale.stride()) if fp8 else (q_frame_pos, q_frame_pos, 0, 0, 0)
     args = (
-        q, k_live, v_live, k_cache, v_cache, out, q_frame_pos, cache_frame_pos,
+        q, k_live, v_live, k_cache, v_cache, out, q_frame_pos, cache_frame_pos, *scales,
         *q.stride()[:3], *k_live.stride()[:3], *v_live.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
         b, h, lq, k_cache.shape[1], cols, rows * cols,
@@ -378,9 +418,9 @@ def sink_window_attention(
     )
     meta = {
         "HEAD_DIM": d, "PAIRS_T": pt, "PAIRS_H": ph, "PAIRS_W": pw,
-        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32", "KV_FP8": fp8,
     }
-    _TUNED_KEYS.add((b, h, lq, k_cache.shape[1], d, meta["DOT_PRECISION"], q.dtype))
+    _TUNED_KEYS.add((b, h, lq, k_cache.shape[1], d, meta["DOT_PRECISION"], q.dtype, k_cache.dtype))
     if _interpreting():
         grid = (triton.cdiv(lq, _INTERPRETER_BLOCKS["BLOCK_M"]), b * h)
         _sink_window_attention_fwd_kernel[grid](*args, **meta, **_INTERPRETER_BLOCKS, USE_LIBDEVICE=False)
@@ -408,13 +448,19 @@ def sink_window_attention_ref(
     scale: float | None = None,
     *,
     compute_dtype: torch.dtype = torch.float32,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference: RoPE (float64 angles, engine.rope) on [cache, live] keys and queries, then softmax
     attention in ``compute_dtype`` (fp32 by default; float64 for error baselines). Same shapes as
-    ``sink_window_attention``; returns [B, Lq, H, D] in q's dtype."""
+    ``sink_window_attention`` (an e4m3 cache is dequantised first); returns [B, Lq, H, D] in q's dtype."""
     rows, cols = grid_hw
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if k_scale is not None:
+        frames = cache_frame_pos.shape[0]
+        k_cache = (k_cache.to(compute_dtype).unflatten(1, (frames, -1)) * k_scale[:, :, None, :, None]).flatten(1, 2)
+        v_cache = (v_cache.to(compute_dtype).unflatten(1, (frames, -1)) * v_scale[:, :, None, :, None]).flatten(1, 2)
     k = torch.cat([k_cache, k_live], dim=1).to(compute_dtype)                  # [B, Lc + Lq, H, D]
     v = torch.cat([v_cache, v_live], dim=1).to(compute_dtype)
     key_pos = torch.cat([cache_frame_pos, q_frame_pos]).to(q.device)

@@ -135,7 +135,8 @@ def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="1.3b", help="tiny, 1.3b or 14b")
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
+                   help="fp8: e4m3 block weights and KV cache (engine/dit/fp8.py)")
     p.add_argument("--encoder", default="wan", choices=["wan", "taehv"])
     p.add_argument("--decoder", default="taehv", choices=["taehv", "wan"])
     p.add_argument("--peak-tflops", type=float, default=None, help="matrix rate used for the compute floor")
@@ -147,17 +148,17 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..numerics import parse_dtype
+    from ..numerics import parse_precision
 
     cfg = _model_config(args.model)
     stream = _stream_config(args.height, args.width)
-    dtype = parse_dtype(args.dtype)
+    dtype, fp8 = parse_precision(args.dtype)
     if args.sessions is not None and args.sessions < 1:
         raise ConfigError(f"--sessions must be at least 1, got {args.sessions}")
     if args.memory or args.sessions or args.avatar:
         from ..tools.memory import format_plan, memory_plan
 
-        plan = memory_plan(cfg, stream, dtype=dtype, encoder=args.encoder, decoder=args.decoder,
+        plan = memory_plan(cfg, stream, dtype=dtype, fp8=fp8, encoder=args.encoder, decoder=args.decoder,
                            sessions=args.sessions or 1, avatar=args.avatar)
         print(json.dumps(plan) if args.json else format_plan(args.model, plan))
         return 0
@@ -173,16 +174,17 @@ def _info(args: argparse.Namespace) -> int:
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep")
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32", "fp8"], default="keep",
+                   help="fp8: the blocks' linear weights in e4m3 with per-channel scales, the rest in bf16")
     p.set_defaults(run=_convert)
 
 
 def _convert(args: argparse.Namespace) -> int:
     from ..dit.checkpoint import convert_checkpoint
-    from ..numerics import parse_dtype
+    from ..numerics import parse_precision
 
-    dtype = None if args.dtype == "keep" else parse_dtype(args.dtype)
-    n = convert_checkpoint(args.src, args.dst, dtype=dtype)
+    dtype, fp8 = (None, False) if args.dtype == "keep" else parse_precision(args.dtype)
+    n = convert_checkpoint(args.src, args.dst, dtype=dtype, fp8=fp8)
     print(f"wrote {n} tensors to {args.dst}")
     return 0
 
@@ -197,7 +199,8 @@ def add_engine_options(p: argparse.ArgumentParser, *, model_default: str = "14b"
     w.add_argument("--text-embeds", help="[1, 512, 4096] text embeddings (text_emb.pt)")
     p.add_argument("--model", default=model_default, choices=["tiny", "1.3b", "14b"])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
+                   help="fp8: the student's block weights and KV cache in e4m3 (Ada / Hopper fp8 GEMMs), rest bf16")
     p.add_argument("--encoder", default="wan", choices=["wan", "taehv"])
     p.add_argument("--encoder-group-frames", type=int, default=4,
                    help="encode in groups of this many frames (default 4, the released procedure; 0: whole chunks)")

@@ -31,11 +31,12 @@ from ..codecs.taehv import TAEHV
 from ..codecs.wan_vae import WanVAE
 from ..dit.checkpoint import load_text_embeds
 from ..dit.config import ModelConfig, StreamConfig
+from ..dit.fp8 import to_fp8
 from ..dit.model import CausalWanStudent
 from ..errors import ConfigError, EngineBusy, WeightsError
 from ..media.face import FACE_BACKENDS, FACE_SIZE, FaceAligner
 from ..media.mask import latent_mask_channel, load_mask, mouth_mask01, pixel_mask, soft_mask
-from ..numerics import parse_dtype
+from ..numerics import parse_precision
 from ..runtime.pipeline import ChunkPipeline, DeviceStreams
 from ..runtime.sampler import StreamingSampler
 from ..runtime.static import StaticStudent
@@ -67,7 +68,8 @@ class RunConfig:
     device: str = ""
     """Where the networks run (default: cuda when available, else cpu)."""
     dtype: str = "bf16"
-    """Weight dtype of the student and codecs: bf16, fp16 or fp32 (the tiny model always runs in fp32)."""
+    """Weight dtype of the student and codecs: bf16, fp16, fp32, or fp8 (the student's block weights and KV cache
+    in e4m3, computing in bf16; the codecs in bf16). The tiny model computes in fp32 (fp8: with e4m3 weights)."""
     encoder: str = "wan"
     """Latent encoder: wan (as released) or taehv."""
     encoder_group_frames: int | None = 4
@@ -127,7 +129,7 @@ class RunConfig:
             raise ConfigError(f"unknown face backend {self.face_backend!r}; choose one of {FACE_BACKENDS}")
         if self.face_backend == "box" and self.face_box is None:
             raise ConfigError("the box face backend needs the face's box (face_box / --face-box x,y,w,h)")
-        parse_dtype(self.dtype)
+        parse_precision(self.dtype)
 
     @staticmethod
     def reference(**changes) -> RunConfig:
@@ -216,16 +218,19 @@ def load_networks(cfg: RunConfig, weights: Weights = Weights()) -> Networks:
         from ..tools.tiny import tiny_networks, tiny_wav2vec2
 
         student, vae, taehv, text = tiny_networks(device, seed=cfg.seed)
+        fp8 = parse_precision(cfg.dtype)[1]
         if weights.ckpt is not None:  # a tiny student trained by lipforcing train (the other networks stay random)
-            student = load_student(weights.ckpt, cfg=student.cfg, device=device, dtype=torch.float32)
+            student = load_student(weights.ckpt, cfg=student.cfg, device=device, dtype=torch.float32, fp8=fp8)
+        elif fp8:
+            to_fp8(student, torch.float32)
         return Networks(student, vae, taehv, AudioEncoder(lambda: tiny_wav2vec2(cfg.seed), device), text)
     from ..codecs.taehv import load_taehv
     from ..codecs.wan_vae import load_wan_vae
     from ..dit.checkpoint import load_student
     from ..media.audio_features import Wav2Vec2Features
 
-    dtype = parse_dtype(cfg.dtype)
-    student = load_student(weights.ckpt, cfg=ModelConfig.from_name(cfg.model), device=device, dtype=dtype)
+    dtype, fp8 = parse_precision(cfg.dtype)
+    student = load_student(weights.ckpt, cfg=ModelConfig.from_name(cfg.model), device=device, dtype=dtype, fp8=fp8)
     vae = load_wan_vae(weights.vae, device=device, dtype=dtype) if "wan" in (cfg.encoder, cfg.decoder) else None
     taehv = load_taehv(weights.taehv, device=device, dtype=dtype) if "taehv" in (cfg.encoder, cfg.decoder) else None
     _drop_unused_halves(cfg, vae, taehv)
@@ -362,7 +367,8 @@ class Engine:
             "device": str(self.device),
             "model": self.config.model,
             "max_sessions": self.config.max_sessions,
-            "dtype": "fp32" if self.config.model == "tiny" else self.config.dtype,
+            "dtype": self.config.dtype if self.config.model != "tiny" or self.config.dtype == "fp8" else "fp32",
+            "kv_cache": str(student.cache.k.dtype).removeprefix("torch."),
         }
 
     @property

@@ -166,18 +166,20 @@ class StreamingAttention:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cached, v_cached = self.cache.cached(layer, self.plan)
-        if self.backend == "triton":
+        if self.backend == "triton":  # reads the cache in place, an e4m3 one with its scales
             from ...kernels import ops
 
             q_pos, cache_pos = self.rope.positions(self.plan)
+            raw = self.cache.raw(layer, self.plan)
+            scales = raw[2:] if len(raw) == 4 else (None, None)
             out = ops.attention(
-                q, k, v, k_cached, v_cached, q_pos, cache_pos,
-                (self.rope.rows, self.rope.cols), self.rope.pairs, self.rope.theta,
+                q, k, v, raw[0], raw[1], q_pos, cache_pos,
+                (self.rope.rows, self.rope.cols), self.rope.pairs, self.rope.theta, None, *scales,
             )
         elif self.backend == "sdpa":
-            out = self._sdpa_window(q, k, v, k_cached, v_cached)
+            out = self._sdpa_window(layer, q, k, v)
         else:
+            k_cached, v_cached = self.cache.cached(layer, self.plan)  # dequantised from an e4m3 cache
             keys = torch.cat([k_cached, k], dim=1)  # [B, Lk, H, D], window order
             values = torch.cat([v_cached, v], dim=1)
             out = sdpa(apply_rope(q, self.rope.queries(self.plan)), apply_rope(keys, self.rope.keys(self.plan)),
@@ -186,16 +188,21 @@ class StreamingAttention:
             self.cache.write_layer(layer, self.plan, k, v)
         return out
 
-    def _sdpa_window(self, q, k, v, k_cached, v_cached) -> torch.Tensor:
+    def _sdpa_window(self, layer, q, k, v) -> torch.Tensor:
         """The sdpa backend: rotate the cached and live keys once into the window buffer, then attend."""
         buf = self.rope.window_buffers(k)
-        n, lq = k_cached.shape[1], q.shape[1]
+        n, lq = self.plan.num_cached * self.rope.tokens, q.shape[1]
         lk = n + lq
         rope = self.rope
-        rotate_into(k_cached, rope.cos[:n], rope.sin[:n], buf.k[:, :n], buf.scratch)
+        if self.cache.fp8:  # dequantised into the window buffer, then rotated there (rotate_into may alias)
+            self.cache.read_into(layer, self.plan, buf.k[:, :n], buf.v[:, :n])
+            rotate_into(buf.k[:, :n], rope.cos[:n], rope.sin[:n], buf.k[:, :n], buf.scratch)
+        else:
+            k_cached, v_cached = self.cache.cached(layer, self.plan)
+            rotate_into(k_cached, rope.cos[:n], rope.sin[:n], buf.k[:, :n], buf.scratch)
+            buf.v[:, :n].copy_(v_cached)
         rotate_into(k, rope.cos[n:lk], rope.sin[n:lk], buf.k[:, n:lk], buf.scratch)
         rotate_into(q, rope.cos[n:lk], rope.sin[n:lk], buf.q[:, :lq], buf.scratch)
-        buf.v[:, :n].copy_(v_cached)
         buf.v[:, n:lk].copy_(v)
         qr, kr, vr = buf.q[:, :lq], buf.k[:, :lk], buf.v[:, :lk]
         flash = _FLASH if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None

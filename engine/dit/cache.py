@@ -10,7 +10,8 @@ chunk being denoised is never staged in the cache: attention reads [cached slots
 The commit call (t = 0) writes the chunk's frames, per layer *after* that layer's attention has read the
 old ones, straight into the slots the next chunk will read them from, and moves any kept older frame
 left. So the layout is always ready for the next chunk, with no eviction pass in between, and the 14B
-cache is 3.4 GB instead of 5.9 GB at 512x512 in bf16.
+cache is 3.4 GB instead of 5.9 GB at 512x512 in bf16 (1.7 GB with ``kv_fp8``: e4m3 values and one float32
+scale per layer, row, frame and head, set when the commit writes the frame).
 
     cache = SinkWindowCache(model_cfg, stream_cfg, batch=1, device=..., dtype=...)
     plan = cache.begin_chunk(start_frame)   # which frames are cached, and where the commit puts the chunk
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig, StreamConfig, tokens_per_frame
+from .fp8 import E4M3, quantize
 
 
 @dataclass(frozen=True)
@@ -137,29 +139,40 @@ class SinkWindowCache:
         batch: int = 1,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        kv_fp8: bool = False,
     ) -> None:
         self.model, self.stream = model, stream
+        self.dtype = dtype  # of the K/V the model makes and reads (the stored values are e4m3 with kv_fp8)
         self.tokens_per_frame = tokens_per_frame(model, stream)
         self.capacity = cache_capacity(stream)
         shape = (model.num_layers, batch, self.capacity, self.tokens_per_frame, model.num_heads, model.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [layers, B, capacity, tokens, H, D]
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        stored = E4M3 if kv_fp8 else dtype
+        self.k = torch.zeros(shape, device=device, dtype=stored)  # [layers, B, capacity, tokens, H, D]
+        self.v = torch.zeros(shape, device=device, dtype=stored)
+        # kv_fp8: one float32 scale per (layer, row, slot, head) for K and for V: [2, layers, B, capacity, H]
+        self.scales = torch.ones((2, *shape[:3], shape[4]), device=device) if kv_fp8 else None
         self.frames: tuple[int, ...] = ()  # absolute latent frame in each filled slot
         self.plan: ChunkPlan | None = None
+
+    @property
+    def fp8(self) -> bool:
+        """Whether K and V are stored in e4m3 with per-frame, per-head scales."""
+        return self.scales is not None
 
     def rows(self, start: int, stop: int) -> SinkWindowCache:
         """A cache over batch rows [start, stop) of this one: the same memory, its own bookkeeping (the static
         scheduler gives every session a row and runs sessions with equal plans as one batch)."""
         view = object.__new__(SinkWindowCache)
         view.model, view.stream = self.model, self.stream
-        view.tokens_per_frame, view.capacity = self.tokens_per_frame, self.capacity
+        view.tokens_per_frame, view.capacity, view.dtype = self.tokens_per_frame, self.capacity, self.dtype
         view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.scales = None if self.scales is None else self.scales[:, :, start:stop]
         view.frames, view.plan = (), None
         return view
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + self.v.nbytes + (0 if self.scales is None else self.scales.nbytes)
 
     def reset(self) -> None:
         """Forget every cached frame (the buffers are kept)."""
@@ -187,20 +200,52 @@ class SinkWindowCache:
         self.plan = None
 
     def cached(self, layer: int, plan: ChunkPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) views of one layer's cached frames, each [B, num_cached * tokens, H, D]."""
+        """(k, v) of one layer's cached frames, each [B, num_cached * tokens, H, D] in ``dtype``: views of the
+        cache, or with kv_fp8 new dequantised tensors (``read_into`` fills preallocated ones instead)."""
         n = plan.num_cached
-        return self.k[layer][:, :n].flatten(1, 2), self.v[layer][:, :n].flatten(1, 2)
+        if self.scales is None:
+            return self.k[layer][:, :n].flatten(1, 2), self.v[layer][:, :n].flatten(1, 2)
+        k = torch.empty(self.k[layer][:, :n].shape, dtype=self.dtype, device=self.k.device)
+        v = torch.empty_like(k)
+        self.read_into(layer, plan, k.flatten(1, 2), v.flatten(1, 2))
+        return k.flatten(1, 2), v.flatten(1, 2)
 
+    def raw(self, layer: int, plan: ChunkPlan) -> tuple[torch.Tensor, ...]:
+        """What the fused attention kernel reads in place: (k, v) views [B, num_cached * tokens, H, D] as stored,
+        and with kv_fp8 their scales [B, num_cached, H] (K's, V's)."""
+        n = plan.num_cached
+        views = (self.k[layer][:, :n].flatten(1, 2), self.v[layer][:, :n].flatten(1, 2))
+        if self.scales is None:
+            return views
+        return (*views, self.scales[0, layer][:, :n], self.scales[1, layer][:, :n])
+
+    def read_into(self, layer: int, plan: ChunkPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        """Copy one layer's cached frames, dequantised to ``dtype``, into k_out / v_out [B, num_cached * tokens,
+        H, D] (no new tensor: graph-safe)."""
+        n, t = plan.num_cached, self.tokens_per_frame
+        for which, (stored, out) in enumerate(((self.k, k_out), (self.v, v_out))):
+            frames = out.unflatten(1, (n, t))  # [B, n, tokens, H, D]
+            frames.copy_(stored[layer][:, :n])
+            if self.scales is not None:
+                frames.mul_(self.scales[which, layer][:, :n, None, :, None])
     def write_layer(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """The commit of one layer, after its attention read the old layout: move the kept cached frames left
         and store the chunk's kept frames. k, v: [B, chunk_frames * tokens, H, D], the chunk's raw K/V."""
-        for cache, live in ((self.k[layer], k), (self.v[layer], v)):  # [B, capacity, tokens, H, D]
+        for which, (cache, live) in enumerate(((self.k[layer], k), (self.v[layer], v))):  # [B, capacity, tokens, H, D]
+            scales = None if self.scales is None else self.scales[which, layer]  # [B, capacity, H]
             for src, dst in plan.commit_moves:
                 cache[:, dst].copy_(cache[:, src])
+                if scales is not None:
+                    scales[:, dst].copy_(scales[:, src])
             first, count = plan.kept_chunk
             slot = len(plan.kept_slots)
             if count:
                 t = self.tokens_per_frame
                 frames = live[:, first * t : (first + count) * t].unflatten(1, (count, t))
-                cache[:, slot : slot + count].copy_(frames)
+                if scales is None:
+                    cache[:, slot : slot + count].copy_(frames)
+                else:  # one scale per frame and head: absmax over the frame's tokens and the head dim
+                    q, scale = quantize(frames, dim=(2, 4))  # [B, count, tokens, H, D], [B, count, 1, H, 1]
+                    cache[:, slot : slot + count].copy_(q)
+                    scales[:, slot : slot + count].copy_(scale[:, :, 0, :, 0])
 

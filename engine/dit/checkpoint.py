@@ -140,9 +140,17 @@ def load_into(
     dtype: torch.dtype | None = None,
     source: str = "checkpoint",
 ) -> nn.Module:
-    """Strictly load ``state`` into ``model`` (which may live on the meta device), casting to ``dtype``."""
+    """Strictly load ``state`` into ``model`` (which may live on the meta device), casting to ``dtype``
+    (e4m3 weights and their float32 scales, see fp8.py, keep their dtypes)."""
+    from .fp8 import E4M3
+
     check_state_dict(model, state, source)
-    cast = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+
+    def target(key: str, value: torch.Tensor) -> torch.dtype:
+        keep = value.dtype == E4M3 or key.endswith(".weight_scale") or not value.is_floating_point()
+        return value.dtype if keep or dtype is None else dtype
+
+    cast = {k: v.to(device=device, dtype=target(k, v)) for k, v in state.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     return model
 
@@ -153,11 +161,20 @@ def load_student(
     cfg: ModelConfig | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
+    fp8: bool = False,
 ):
-    """Build the student from a checkpoint (config inferred from tensor shapes unless given) and load it."""
+    """Build the student from a checkpoint (config inferred from tensor shapes unless given) and load it.
+    ``fp8``: e4m3 block weights computing in ``dtype`` (fp8.py); a bf16 / fp32 checkpoint is quantised tensor
+    by tensor on the host, one written by ``convert --dtype fp8`` is loaded as it is."""
+    from .fp8 import is_quantized_state, quantize_state, to_fp8
     from .model import CausalWanStudent
 
     state = read_state_dict(path)
+    if is_quantized_state(state) and not fp8:
+        raise WeightsError(f"{path}: this checkpoint holds fp8 weights (lipforcing convert --dtype fp8): "
+                           "run it with --dtype fp8")
+    if fp8:
+        state = quantize_state(state, dtype)
     if cfg is None:
         try:
             cfg = ModelConfig.from_state_dict_shapes({k: v.shape for k, v in state.items()})
@@ -165,6 +182,8 @@ def load_student(
             raise WeightsError(f"{path}: {exc}") from None
     with torch.device("meta"):
         model = CausalWanStudent(cfg)
+    if fp8:
+        to_fp8(model.to(dtype), dtype)
     load_into(model, state, device=device, dtype=dtype, source=str(path))
     return model.eval()
 
@@ -191,18 +210,26 @@ def load_text_embeds(path: str | Path, text_dim: int) -> torch.Tensor:
     return x.float()
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None) -> int:
+def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
+                       fp8: bool = False) -> int:
     """Write any accepted checkpoint as one .safetensors file; returns the number of tensors written.
+    ``fp8``: the block linear weights quantised to e4m3 with their per-channel scales, the rest in ``dtype``
+    (default bf16): the file ``--dtype fp8`` loads without quantising.
 
     The output is written to a temporary name and renamed, so a failed conversion leaves no partial file.
     """
     from safetensors.torch import save_file
 
+    from .fp8 import quantize_state
+
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise WeightsError(f"{dst}: the output must end in .safetensors")
     state = read_state_dict(src)
-    out = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in state.items()}
+    if fp8:
+        out = {k: v.contiguous() for k, v in quantize_state(state, dtype or torch.bfloat16).items()}
+    else:
+        out = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in state.items()}
     tmp = dst.with_name(dst.name + ".partial")
     try:
         save_file(out, str(tmp), metadata={"format": "pt", "source": Path(src).name})

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...kernels.patches import unpatchify
 from .config import ModelConfig
+from .fp8 import Fp8Linear, is_fp8
 
 
 def timestep_sinusoid(freq_dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,9 @@ def layer_norm_fp32(x: torch.Tensor, eps: float, weight=None, bias=None) -> torc
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Apply ``layer`` in its weight dtype."""
+    """Apply ``layer`` in its weight dtype (an fp8 layer quantises its input itself: fp8.Fp8Linear)."""
+    if isinstance(layer, Fp8Linear):
+        return layer(x)
     return layer(x.to(layer.weight.dtype))
 
 
@@ -274,7 +277,13 @@ class CausalWanStudent(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The compute dtype (of the activations; fp8 weights compute in it too)."""
         return self.patch_embedding.weight.dtype
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the blocks hold e4m3 weights (``fp8.to_fp8``); the KV cache is then e4m3 too."""
+        return is_fp8(self)
 
     @torch.no_grad()
     def prepare_clip(self, text_context: torch.Tensor, audio_emb: torch.Tensor | None) -> ClipConditioning:

@@ -78,7 +78,8 @@ class StreamingSampler:
         self.device = model.patch_embedding.weight.device
         self.backend = resolve_backend(backend, self.device, model=model.cfg, stream=stream, dtype=model.dtype)
         log.info("lipforcing: attention backend %s on %s (%s)", self.backend, self.device, model.dtype)
-        self.cache = SinkWindowCache(cfg, stream, batch=batch, device=self.device, dtype=model.dtype)
+        self.cache = SinkWindowCache(cfg, stream, batch=batch, device=self.device, dtype=model.dtype,
+                                     kv_fp8=model.fp8)
         self.rope = RopeTable(cfg, stream, self.device)
         self.seed = seed
         self.generator = torch.Generator(device=self.device) if seed is not None else None

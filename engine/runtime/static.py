@@ -111,7 +111,7 @@ class StaticStudent:
                  self.backend, self.cuda_graphs, compile)
         c, h, w, dev = stream.chunk_frames, stream.latent_h, stream.latent_w, self.device
         lat = (slots, cfg.out_dim, c, h, w)
-        self.cache = SinkWindowCache(cfg, stream, batch=slots, device=dev, dtype=model.dtype)
+        self.cache = SinkWindowCache(cfg, stream, batch=slots, device=dev, dtype=model.dtype, kv_fp8=model.fp8)
         self.rope = RopeTable(cfg, stream, dev)
         self.x_in = torch.zeros(slots, cfg.in_dim, c, h, w, device=dev)  # [S, 65, C, h, w]
         self.noise = torch.zeros(lat, device=dev)
@@ -193,6 +193,8 @@ class StaticStudent:
         tensors += [t for kv in self.text_kv for t in kv]
         tensors += [self.cache.k[layer] for layer in range(self.cache.k.shape[0])]
         tensors += [self.cache.v[layer] for layer in range(self.cache.v.shape[0])]
+        if self.cache.scales is not None:  # [2, layers, B, capacity, H]
+            tensors += [kv_layer for kv in self.cache.scales for kv_layer in kv]
         for t in tensors:
             tmp = t[a].clone()
             t[a].copy_(t[b])

@@ -34,6 +34,7 @@ from ..codecs.taehv import TAEHV, TAEHVConfig
 from ..codecs.wan_vae import WanVAE, WanVAEConfig
 from ..dit.cache import plan_chunk
 from ..dit.config import ModelConfig, StreamConfig
+from ..dit.fp8 import to_fp8
 from ..dit.model import CausalWanStudent
 from ..runtime.static import StaticStudent
 
@@ -121,23 +122,27 @@ class MemoryItem:
 
 
 def _student_items(cfg: ModelConfig, stream: StreamConfig, dtype: torch.dtype,
-                   sessions: int) -> tuple[list[MemoryItem], int]:
+                   sessions: int, fp8: bool = False) -> tuple[list[MemoryItem], int]:
     with torch.device("meta"):
         model = CausalWanStudent(cfg).to(dtype)
+        if fp8:  # e4m3 block weights with their scales, and an e4m3 KV cache with its scales
+            to_fp8(model, dtype)
     text_only = {id(p) for m in model.text_modules() for p in m.parameters()}
     resident = [p for p in model.parameters() if id(p) not in text_only]
     text = [p for p in model.parameters() if id(p) in text_only]
     items = [
         MemoryItem("student weights", tensor_bytes(resident), "resident",
-                   f"{sum(p.numel() for p in resident):,} parameters (all but the text-only ones)"),
+                   f"{sum(p.numel() for p in resident):,} parameters (all but the text-only ones)"
+                   + ("; block linear layers in e4m3 with a float32 scale per output channel" if fp8 else "")),
         MemoryItem("student text weights", tensor_bytes(text), "clip start",
                    f"{sum(p.numel() for p in text):,} parameters (text embedding, cross-attention k/v): on the "
                    "device only while a new text's K/V are computed, then in host memory"),
     ]
     student = StaticStudent(model, stream, slots=sessions, backend="triton", seed=None, cuda_graphs=False)
     n = sessions
+    kv = "e4m3 with per-frame, per-head scales" if fp8 else "K and V"
     items.append(MemoryItem("KV cache", student.cache.nbytes, "resident",
-                            f"{student.cache.capacity} frames (sink + what the next chunk sees), K and V, "
+                            f"{student.cache.capacity} frames (sink + what the next chunk sees), {kv}, "
                             f"{cfg.num_layers} layers, per session", sessions=n))
     items.append(MemoryItem("text K/V", tensor_bytes(student.text_kv), "resident",
                             "cross-attention keys and values of the clip's text, every layer, per session", sessions=n))
@@ -254,6 +259,7 @@ def memory_plan(
     stream: StreamConfig,
     *,
     dtype: torch.dtype = torch.bfloat16,
+    fp8: bool = False,
     encoder: str = "wan",
     decoder: str = "taehv",
     encoder_group_frames: int | None = 4,
@@ -270,7 +276,7 @@ def memory_plan(
     chunks in flight)."""
     if sessions < 1:
         raise ValueError(f"sessions must be at least 1, got {sessions}")
-    items, start_peak = _student_items(cfg, stream, dtype, sessions)
+    items, start_peak = _student_items(cfg, stream, dtype, sessions, fp8)
     items += _codec_items(stream, dtype, None if avatar else encoder, decoder, encoder_group_frames,
                           decoder_group_latents, sessions)
     items += _media_items(stream, frame_hw, chunks_in_flight, sessions)
@@ -285,7 +291,8 @@ def memory_plan(
     total = resident + max(streaming, clip_start)
     per_session = sum(i.bytes for i in items if i.sessions and i.counted) // sessions
     return {
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": "fp8" if fp8 else str(dtype).removeprefix("torch."),
+        "compute_dtype": str(dtype).removeprefix("torch."),
         "latent_hw": [stream.latent_h, stream.latent_w],
         "encoder": None if avatar else encoder,
         "decoder": decoder,
