@@ -37,6 +37,36 @@ def in_threads(work, count: int, timeout: float) -> list[BaseException]:
         t.join(timeout=timeout)
     return errors
 
+def gather_first_chunks(batcher, sessions: int, monkeypatch, timeout: float = 60.0) -> None:
+    """Make a ``StudentBatcher``'s first round of chunks one call: the first batch that holds a chunk waits until
+    ``sessions`` chunk requests have arrived (running any other request meanwhile), so that the test sees the
+    sessions batched whatever the threads' timing."""
+    import time
+
+    run = batcher._run
+    gathered = []
+
+    def gathering_run(batch):
+        if gathered or not any(r.kind == "chunk" for r in batch):
+            return run(batch)
+        deadline = time.monotonic() + timeout
+        chunks, arrived = [], batch
+        while True:
+            others = [r for r in arrived if r.kind != "chunk"]  # opens and starts the other sessions wait for
+            chunks += [r for r in arrived if r.kind == "chunk"]
+            if others:
+                run(others)
+            if len(chunks) >= sessions or time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+            with batcher._cond:
+                arrived, batcher._pending = batcher._pending, []
+        gathered.append(len(chunks))
+        run(chunks)
+
+    monkeypatch.setattr(batcher, "_run", gathering_run)
+
+
 def random_clip(cfg, latent_hw: tuple[int, int], latents: int, seed: int, text_seed: int = 99) -> dict:
     """Random inputs of one clip for the student's schedulers: text [1, text_len, 4096] (from ``text_seed``: one
     text shared by clips), audio [1, 1 + 4 (latents - 1), audio_dim], ref [1, 16, 1, h, w], mask [1, 1, 1, h, w]

@@ -12,7 +12,7 @@ pytest.importorskip("av")
 pytest.importorskip("mediapipe")
 pytest.importorskip("transformers")
 
-from conftest import in_threads  # noqa: E402
+from conftest import gather_first_chunks, in_threads  # noqa: E402
 from lipforcing.cli import main  # noqa: E402
 from lipforcing.engine.app.avatar import Avatar, latent_period, prepare_avatar  # noqa: E402
 from lipforcing.engine.app.demo import synth_speech  # noqa: E402
@@ -174,13 +174,15 @@ def test_prepare_and_run_from_the_command_line(short_video, tmp_path, capsys):
     assert main(["prepare-avatar", str(short_video), "-o", str(tmp_path / "x.mp4"), *TINY_ARGS]) == 2
 
 
-def test_sessions_share_one_engine_and_equal_themselves_alone(networks, avatar):
-    """Two sessions on one engine (max_sessions=2), in two threads: their student calls are batched, and each
-    gives the frames it gives alone."""
+def test_sessions_share_one_engine_and_equal_themselves_alone(networks, avatar, monkeypatch):
+    """Two sessions on one engine (max_sessions=2), in two threads: their student calls are batched (the first
+    chunks are held until both have asked, so the threads' timing decides nothing), and each gives the frames
+    it gives alone."""
     avatar, _ = avatar
     speeches = [synth_speech(1.4, seed=s) for s in (1, 2)]
     alone = [_frames_of(Engine(RunConfig(**TINY), networks).session(s, avatar=avatar)) for s in speeches]
     engine = Engine(RunConfig(**TINY, max_sessions=2, pipeline="streams"), networks)
+    gather_first_chunks(engine.batcher, 2, monkeypatch)
     together = [None, None]
 
     def run(i):
@@ -191,8 +193,8 @@ def test_sessions_share_one_engine_and_equal_themselves_alone(networks, avatar):
     for got, want in zip(together, alone):
         assert len(got) == len(want) == 33
         assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(got, want)) <= 1
-    # both sessions' chunks went through the one student thread (whether two chunks met in one call depends
-    # on timing here; tests/runtime/test_batcher.py checks the batching itself)
-    assert sum(engine.batcher.batches) == 6 and engine.path["max_sessions"] == 2
+    # both sessions' chunks went through the one student thread, their first chunks as one call
+    assert engine.batcher.batches[0] == 2 and sum(engine.batcher.batches) == 6
+    assert engine.path["max_sessions"] == 2
     with pytest.raises(ConfigError, match="max_sessions must be"):
         RunConfig(**TINY, max_sessions=0)

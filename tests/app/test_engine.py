@@ -54,17 +54,33 @@ def test_run_config_defaults_and_checks():
 
 
 def test_the_audio_encoder_is_loaded_once_by_sessions_starting_together():
-    """Live sessions in several threads reach wav2vec2 at once: one load (imports are not thread-safe)."""
+    """Live sessions in several threads reach wav2vec2 at once: one load (imports are not thread-safe). The load
+    lasts until every thread has found the encoder unloaded and is waiting for it, so they all meet it."""
     import threading
-    import time
 
     from lipforcing.engine.app.engine import AudioEncoder
 
-    loads = []
+    threads_at_once = 4
+    loads, arrived, everyone_waits = [], [], threading.Event()
+
+    class CountingLock:
+        """The encoder's lock, counting the threads that reach it."""
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        def __enter__(self):
+            arrived.append(threading.get_ident())
+            if len(arrived) == threads_at_once:
+                everyone_waits.set()
+            self.lock.acquire()
+
+        def __exit__(self, *exc) -> None:
+            self.lock.release()
 
     def load():
         loads.append(threading.get_ident())
-        time.sleep(0.2)  # a slow load: the other threads arrive meanwhile
+        everyone_waits.wait(timeout=30)  # a slow load: every other thread arrives meanwhile
         return torch.nn.Identity()
 
     class Features(torch.nn.Module):
@@ -72,10 +88,13 @@ def test_the_audio_encoder_is_loaded_once_by_sessions_starting_together():
             return torch.zeros(n_frames, 4)
 
     encoder = AudioEncoder(lambda: (load(), Features())[1], torch.device("cpu"))
+    encoder._lock = CountingLock()
     results = []
-    threads = [threading.Thread(target=lambda: results.append(encoder(None, 3).shape)) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: results.append(encoder(None, 3).shape))
+               for _ in range(threads_at_once)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert len(loads) == 1 and results == [torch.Size([3, 4])] * 4
+        t.join(timeout=60)
+    assert everyone_waits.is_set() and len(arrived) == threads_at_once  # they met the load in progress
+    assert len(loads) == 1 and results == [torch.Size([3, 4])] * threads_at_once

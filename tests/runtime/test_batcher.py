@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import in_threads, random_clip
+from conftest import gather_first_chunks, in_threads, random_clip
 from lipforcing.engine.dit.build import random_student
 from lipforcing.engine.dit.config import ModelConfig, StreamConfig
 from lipforcing.engine.errors import ConfigError
@@ -91,11 +91,14 @@ def test_batched_sessions_equal_the_sessions_alone_and_join_and_leave(model):
             student.open_slot()
 
 
-def test_the_batcher_serves_sessions_from_several_threads(model):
+def test_the_batcher_serves_sessions_from_several_threads(model, monkeypatch):
+    """Three sessions in three threads: their first chunks are held until all three have asked (the threads'
+    timing decides nothing), run as one call, and every session's latents equal its run alone."""
     clips = [_clip(seed) for seed in (4, 5, 6)]
     expected = [_alone(model, clip) for clip in clips]
     student = StaticStudent(model, STREAM, slots=3, backend="reference", seed=5, cuda_graphs=False)
     batcher = StudentBatcher(student, gather_s=0.05)
+    gather_first_chunks(batcher, 3, monkeypatch)
     results = [None] * 3
 
     def session(i):
@@ -110,4 +113,5 @@ def test_the_batcher_serves_sessions_from_several_threads(model):
     assert not errors
     for got, want in zip(results, expected):
         assert rel_error(got, want) < 1e-5
-    assert max(batcher.batches) >= 2  # chunks of different sessions ran as one call
+    assert batcher.batches[0] == 3  # the three first chunks ran as one call
+    assert sum(batcher.batches) == 3 * CHUNKS
