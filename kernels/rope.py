@@ -52,6 +52,13 @@ def rope_angles(
     return angles.reshape(f * rows * cols, pt + ph + pw)
 
 
+def rope_angles_table(positions: int, pairs_thw: tuple[int, int, int], theta: float = 10000.0) -> torch.Tensor:
+    """Angle of integer position p for pair j at j's own axis frequency: [positions, c] float64. Row p serves a
+    temporal position, a row or a column alike (the fused attention kernel's cos / sin table)."""
+    freqs = torch.cat([axis_frequencies(n, theta) for n in pairs_thw])
+    return torch.arange(positions, dtype=torch.float64)[:, None] * freqs[None, :]
+
+
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (2j, 2j+1) of x by its angle, computed in float64, returned in x's dtype.
 

@@ -2,7 +2,9 @@
 
 The keys of a call are [cached frames (raw, unrotated K), the chunk's own live frames]; every key and
 query is rotated on the fly with its window-relative temporal position and its (row, col) in the token
-grid, so the cache is never rotated, copied or concatenated in memory.
+grid, so the cache is never rotated, copied or concatenated in memory. cos / sin come from a [positions,
+D/2] float32 table (a few KB, L1-resident) indexed by each pair's own integer position: no transcendental
+instruction (MUFU) in the key loop, whose MUFU pipe the softmax's exp2 already keeps busy.
 
     o = sink_window_attention(q, k_live, v_live, k_cache, v_cache, q_frame_pos, cache_frame_pos,
                               grid_hw=(32, 32), pairs_thw=(22, 21, 21))
@@ -16,8 +18,7 @@ rotated in fp32 with cos/sin of position * freq, cast back to the input dtype, a
 dot(q_even, k_even^T) + dot(q_odd, k_odd^T) (a dot product is invariant to a common permutation of D,
 so the halves never need re-interleaving).
 Online softmax in fp32 (exp2 with the scale folded in), one pass over the cache keys, one over the live
-keys. On the GPU cos/sin use the hardware approximations after an explicit reduction to [-pi, pi]
-(absolute error ~1e-6, far below bf16 rounding); the interpreter uses numpy's.
+keys.
 
 The autotuner benchmarks on the first call of each (batch, heads, Lq, Lc, D, dtype) and keeps the result in
 Triton's cache folder (the engine points TRITON_CACHE_DIR at its user cache): warm up before capturing a CUDA
@@ -35,9 +36,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from lipforcing.kernels.rope import apply_rope, rope_angles
+from lipforcing.kernels.rope import apply_rope, rope_angles, rope_angles_table
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -48,41 +48,10 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _cos_sin(angle, USE_LIBDEVICE: tl.constexpr):
-    """cos and sin of fp32 angles; reduce to [-pi, pi] first so the fast approximations stay accurate."""
-    turns = tl.floor(angle * 0.15915494309189535 + 0.5)
-    # 2*pi as an fp32 head plus a tail (Cody-Waite): the reduced angle stays within ~1 ulp of |angle|.
-    r = angle - turns * 6.2831854820251465
-    r = r + turns * 1.7484556000744487e-07
-    if USE_LIBDEVICE:
-        return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
-    else:
-        return tl.cos(r), tl.sin(r)
-
-
-@triton.jit
-def _pair_frequencies(
-    log2_theta,
-    HALF: tl.constexpr,
-    PAIRS_T: tl.constexpr,
-    PAIRS_H: tl.constexpr,
-    PAIRS_W: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
-):
-    """Per pair j in [0, HALF): its axis (temporal / row / col) and frequency theta^(-i/n) in fp32."""
+def _pair_axes(HALF: tl.constexpr, PAIRS_T: tl.constexpr, PAIRS_H: tl.constexpr):
+    """Per pair j in [0, HALF): whether it rotates by the temporal position, or by the row (else the column)."""
     j = tl.arange(0, HALF)
-    is_t = j < PAIRS_T
-    is_h = (j >= PAIRS_T) & (j < PAIRS_T + PAIRS_H)
-    i_axis = tl.where(is_t, j, tl.where(is_h, j - PAIRS_T, j - PAIRS_T - PAIRS_H)).to(tl.float32)
-    n_axis = tl.where(is_t, PAIRS_T, tl.where(is_h, PAIRS_H, PAIRS_W)).to(tl.float32)
-    # Once per program, so the precise exp is affordable; ex2.approx's ~2e-7 relative error would grow
-    # to a few 1e-6 rad at positions ~30.
-    exponent = -(i_axis / n_axis) * (log2_theta * 0.6931471805599453)
-    if USE_LIBDEVICE:
-        freq = libdevice.exp(exponent)
-    else:
-        freq = tl.exp(exponent)
-    return is_t, is_h, freq
+    return j, j < PAIRS_T, (j >= PAIRS_T) & (j < PAIRS_T + PAIRS_H)
 
 
 @triton.jit
@@ -94,14 +63,14 @@ def _load_rotated(
     pos_ptr,                   # [F] temporal position per frame
     cols,
     tokens_per_frame,
+    pair,                      # [HALF] pair index
     is_t,                      # [HALF]
     is_h,                      # [HALF]
-    freq,                      # [HALF]
+    cos_ptr, sin_ptr,          # [P, HALF] float32 cos / sin of position p times pair j's frequency
     scale_ptr,                 # SCALED: [F] float32 dequantisation scale per frame (this head's), stride_scale
     stride_scale,
     BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
     SCALED: tl.constexpr,
 ):
     """Load a [BLOCK, HEAD_DIM] tile (e4m3 times its frame's scale when SCALED) and return its RoPE-rotated
@@ -120,11 +89,13 @@ def _load_rotated(
         x_even = x_even * s[:, None]
         x_odd = x_odd * s[:, None]
     in_frame = offs_tok - frame * tokens_per_frame
-    row = (in_frame // cols).to(tl.float32)
-    col = (in_frame % cols).to(tl.float32)
-    t_pos = tl.load(pos_ptr + frame, mask=valid, other=0).to(tl.float32)
+    row = in_frame // cols
+    col = in_frame - row * cols
+    t_pos = tl.load(pos_ptr + frame, mask=valid, other=0)
     pos = tl.where(is_t[None, :], t_pos[:, None], tl.where(is_h[None, :], row[:, None], col[:, None]))
-    cos, sin = _cos_sin(pos * freq[None, :], USE_LIBDEVICE)
+    table = pos * HALF + pair[None, :]  # a few KB, read from L1: no MUFU in the key loop
+    cos = tl.load(cos_ptr + table, mask=valid[:, None], other=1.0)
+    sin = tl.load(sin_ptr + table, mask=valid[:, None], other=0.0)
     return x_even * cos - x_odd * sin, x_even * sin + x_odd * cos
 
 
@@ -136,13 +107,12 @@ def _attend_keys(
     n_keys,
     stride_k_tok, stride_v_tok,
     pos_ptr, cols, tokens_per_frame,
-    is_t, is_h, freq,
+    pair, is_t, is_h, cos_ptr, sin_ptr,
     qk_scale,                  # softmax scale * log2(e)
     k_scale_ptr, v_scale_ptr, stride_scale,  # SCALED: e4m3 keys / values, one float32 scale per frame
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
     SCALED: tl.constexpr,
 ):
     """Online-softmax pass over n_keys keys starting at k_ptr / v_ptr."""
@@ -153,7 +123,7 @@ def _attend_keys(
         valid = offs_n < n_keys
         k_even, k_odd = _load_rotated(
             k_ptr + start * stride_k_tok, offs_n, n_keys, stride_k_tok, pos_ptr, cols, tokens_per_frame,
-            is_t, is_h, freq, k_scale_ptr, stride_scale, BLOCK_N, HEAD_DIM, USE_LIBDEVICE, SCALED,
+            pair, is_t, is_h, cos_ptr, sin_ptr, k_scale_ptr, stride_scale, BLOCK_N, HEAD_DIM, SCALED,
         )
         k_even = k_even.to(q_even.dtype)
         k_odd = k_odd.to(q_even.dtype)
@@ -182,6 +152,7 @@ def _attend_keys(
 def _sink_window_attention_fwd_kernel(
     q_ptr, k_live_ptr, v_live_ptr, k_cache_ptr, v_cache_ptr, o_ptr,
     q_pos_ptr, cache_pos_ptr,
+    cos_ptr, sin_ptr,          # [P, HEAD_DIM / 2] float32 RoPE table (``rope_table``)
     k_scale_ptr, v_scale_ptr,  # KV_FP8: [B, Fc, H] float32 scales of the e4m3 cache (strides stride_s*)
     stride_sb, stride_sf, stride_sh,
     stride_qb, stride_ql, stride_qh,
@@ -191,7 +162,7 @@ def _sink_window_attention_fwd_kernel(
     stride_vcb, stride_vcl, stride_vch,
     stride_ob, stride_ol, stride_oh,
     batch, num_heads, LQ, LC, cols, tokens_per_frame,
-    qk_scale, log2_theta,
+    qk_scale,
     HEAD_DIM: tl.constexpr,
     PAIRS_T: tl.constexpr,
     PAIRS_H: tl.constexpr,
@@ -199,7 +170,6 @@ def _sink_window_attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
     KV_FP8: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -208,13 +178,13 @@ def _sink_window_attention_fwd_kernel(
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
 
-    is_t, is_h, freq = _pair_frequencies(log2_theta, HALF, PAIRS_T, PAIRS_H, PAIRS_W, USE_LIBDEVICE)
+    pair, is_t, is_h = _pair_axes(HALF, PAIRS_T, PAIRS_H)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_base = q_ptr + b * stride_qb + h * stride_qh + pid_m * BLOCK_M * stride_ql
     q_even, q_odd = _load_rotated(
         q_base, offs_m, LQ, stride_ql, q_pos_ptr, cols, tokens_per_frame,
-        is_t, is_h, freq, k_scale_ptr, 0, BLOCK_M, HEAD_DIM, USE_LIBDEVICE, False,
+        pair, is_t, is_h, cos_ptr, sin_ptr, k_scale_ptr, 0, BLOCK_M, HEAD_DIM, False,
     )
     q_even = q_even.to(q_ptr.dtype.element_ty)   # [BLOCK_M, HALF]
     q_odd = q_odd.to(q_ptr.dtype.element_ty)
@@ -227,16 +197,16 @@ def _sink_window_attention_fwd_kernel(
         acc, m_i, l_i, q_even, q_odd,
         k_cache_ptr + b * stride_kcb + h * stride_kch, v_cache_ptr + b * stride_vcb + h * stride_vch,
         LC, stride_kcl, stride_vcl, cache_pos_ptr, cols, tokens_per_frame,
-        is_t, is_h, freq, qk_scale,
+        pair, is_t, is_h, cos_ptr, sin_ptr, qk_scale,
         k_scale_ptr + b * stride_sb + h * stride_sh, v_scale_ptr + b * stride_sb + h * stride_sh, stride_sf,
-        BLOCK_N, HEAD_DIM, DOT_PRECISION, USE_LIBDEVICE, KV_FP8,
+        BLOCK_N, HEAD_DIM, DOT_PRECISION, KV_FP8,
     )
     acc, m_i, l_i = _attend_keys(
         acc, m_i, l_i, q_even, q_odd,
         k_live_ptr + b * stride_klb + h * stride_klh, v_live_ptr + b * stride_vlb + h * stride_vlh,
         LQ, stride_kll, stride_vll, q_pos_ptr, cols, tokens_per_frame,
-        is_t, is_h, freq, qk_scale, k_scale_ptr, v_scale_ptr, 0,
-        BLOCK_N, HEAD_DIM, DOT_PRECISION, USE_LIBDEVICE, False,
+        pair, is_t, is_h, cos_ptr, sin_ptr, qk_scale, k_scale_ptr, v_scale_ptr, 0,
+        BLOCK_N, HEAD_DIM, DOT_PRECISION, False,
     )
 
     out = acc / l_i[:, None]
@@ -311,6 +281,27 @@ def tuning_events() -> int:
 
 # The interpreter runs every program in Python: small tiles keep CPU tests fast and exercise masking.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+# Positions a table covers at least: every temporal position (window slots: 0-10 for the released sink + window;
+# the kernel's contract is < TABLE_POSITIONS) and a token grid side up to 64 (1024x1024 frames); larger grids grow it.
+TABLE_POSITIONS = 64
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_table(device: torch.device, pairs_thw: tuple[int, int, int], theta: float,
+               positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position p times pair j's frequency, [P, D/2] float32 (computed in float64, like the
+    reference RoPE), made once per (device, pairs, theta) and grown when a call needs more positions. The kernel
+    indexes it with each pair's own position (temporal, row or column): integers, so one table serves all three
+    axes. Made by the first (warm-up) call, so a CUDA graph captures the launch and never the allocation."""
+    key = (str(device), tuple(pairs_thw), float(theta))
+    have = _TABLES.get(key)
+    if have is None or have[0].shape[0] < positions:
+        count = max(positions, TABLE_POSITIONS)
+        angles = rope_angles_table(count, tuple(pairs_thw), theta)  # [P, D/2] float64
+        _TABLES[key] = (angles.cos().float().to(device), angles.sin().float().to(device))
+    return _TABLES[key]
 
 
 def _check_inputs(q, k_live, v_live, k_cache, v_cache, q_frame_pos, cache_frame_pos, grid_hw, pairs_thw,
@@ -388,7 +379,8 @@ def sink_window_attention(
     k_cache, v_cache: [B, Lc, H, D] raw cached keys / values (Lc = Fc * rows * cols, may be 0); any strides
         with a contiguous last dim (views of a preallocated cache are read in place).
     q_frame_pos: [Fq] int temporal positions of the chunk's frames (the live keys use them too).
-    cache_frame_pos: [Fc] int temporal positions of the cached frames.
+    cache_frame_pos: [Fc] int temporal positions of the cached frames. Positions are in [0, TABLE_POSITIONS)
+        (window slots: the kernel reads cos / sin from a table, see ``rope_table``).
     grid_hw: (rows, cols) of each frame's token grid. pairs_thw: complex pairs per axis, summing to D/2.
     scale: softmax scale, default 1/sqrt(D). out: optional [B, Lq, H, D] buffer in q's dtype.
     k_scale, v_scale: [B, Fc, H] float32 when the cache is e4m3 (``SinkWindowCache(kv_fp8=True)``): each cached
@@ -409,12 +401,13 @@ def sink_window_attention(
     pt, ph, pw = (int(p) for p in pairs_thw)
     fp8 = k_scale is not None
     scales = (k_scale, v_scale, *k_scale.stride()) if fp8 else (q_frame_pos, q_frame_pos, 0, 0, 0)
+    cos, sin = rope_table(q.device, (pt, ph, pw), theta, max(rows, cols))
     args = (
-        q, k_live, v_live, k_cache, v_cache, out, q_frame_pos, cache_frame_pos, *scales,
+        q, k_live, v_live, k_cache, v_cache, out, q_frame_pos, cache_frame_pos, cos, sin, *scales,
         *q.stride()[:3], *k_live.stride()[:3], *v_live.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
         b, h, lq, k_cache.shape[1], cols, rows * cols,
-        scale * math.log2(math.e), math.log2(theta),
+        scale * math.log2(math.e),
     )
     meta = {
         "HEAD_DIM": d, "PAIRS_T": pt, "PAIRS_H": ph, "PAIRS_W": pw,
@@ -423,14 +416,14 @@ def sink_window_attention(
     _TUNED_KEYS.add((b, h, lq, k_cache.shape[1], d, meta["DOT_PRECISION"], q.dtype, k_cache.dtype))
     if _interpreting():
         grid = (triton.cdiv(lq, _INTERPRETER_BLOCKS["BLOCK_M"]), b * h)
-        _sink_window_attention_fwd_kernel[grid](*args, **meta, **_INTERPRETER_BLOCKS, USE_LIBDEVICE=False)
+        _sink_window_attention_fwd_kernel[grid](*args, **meta, **_INTERPRETER_BLOCKS)
     else:
         def grid(m):
             return (triton.cdiv(lq, m["BLOCK_M"]), b * h)
 
         # Meta tensors (the static report records this launch without a GPU) need no device guard.
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            _sink_window_attention_fwd_tuned[grid](*args, **meta, USE_LIBDEVICE=True)
+            _sink_window_attention_fwd_tuned[grid](*args, **meta)
     return out
 
 

@@ -90,10 +90,13 @@ def test_attention_matmuls_are_wgmma_at_head_dim_128(rows, dtype):
         assert "D=128" in r.shape
         tile = r.facts.tile_counts
         assert tile is not None and tile.get("HGMMA", 0) > 0 and tile.get("HMMA", 0) == 0, (r.config, tile)
-        # the rotation of the key tile: one cos and one sin per (key, pair) element this thread holds
+        # the rotation of the key tile reads cos / sin from the RoPE table: no transcendental in the key loop, whose
+        # MUFU pipe serves the softmax (one EX2 per score this thread holds, and the row rescale)
         keys = int(r.config.split("BLOCK_N=")[1].split()[0])
+        rows = int(r.config.split("BLOCK_M=")[1].split()[0])
         threads = int(r.config.split("warps=")[1].split()[0]) * 32
-        assert tile["MUFU.COS"] == tile["MUFU.SIN"] == keys * 64 // threads
+        assert not {"MUFU.COS", "MUFU.SIN"} & set(tile), (r.config, tile)
+        assert tile["MUFU.EX2"] >= keys * rows // threads, (r.config, tile)
 
 
 def test_sass_counts_the_loop_body_as_one_tile():
