@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..engine.app.cli import command
+from ..engine.app.cli import add_token_options, command
 from ..engine.errors import ConfigError
 from .report import comparable, compare
 from .session import ABLATION, COMPILED, BenchConfig, device_identity, dump, format_report, run_bench
@@ -112,10 +112,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 @command("bench-serve", "load-test a running server: N live sessions at once, latency and FPS per session")
 def _bench_serve_args(p: argparse.ArgumentParser) -> None:
-    import os
-
     p.add_argument("--url", default="ws://127.0.0.1:8080")
-    p.add_argument("--token", default=os.environ.get("LIPFORCING_TOKEN"), help="default: $LIPFORCING_TOKEN")
+    add_token_options(p)
     p.add_argument("--avatar", required=True, help="the name of an avatar the server holds")
     p.add_argument("--sessions", default="8", help="sessions at once; a list (1,2,4,8) runs one load per count and "
                                                    "reports the most that ran in real time")
@@ -129,6 +127,9 @@ def _bench_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from ..engine.app.server.auth import client_token
     from ..engine.app.session import DEFAULT_LOOKAHEAD_S
     from .serve_load import LoadConfig, format_load, sweep
 
@@ -139,7 +140,8 @@ def _bench_serve(args: argparse.Namespace) -> int:
     if not counts or min(counts) < 1 or args.seconds <= 0 or args.max_latency <= 0:
         raise ConfigError("--sessions counts must be >= 1, --seconds and --max-latency positive")
     report = sweep(LoadConfig(
-        url=args.url, token=args.token or None, avatar=args.avatar, sessions=counts[0], seconds=args.seconds,
+        url=args.url, token=client_token(flag=args.token, file=args.token_file, environ=os.environ),
+        avatar=args.avatar, sessions=counts[0], seconds=args.seconds,
         speech=args.speech, lookahead=DEFAULT_LOOKAHEAD_S if args.lookahead is None else args.lookahead,
         max_latency_s=args.max_latency,
     ), counts)

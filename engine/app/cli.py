@@ -333,7 +333,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions", type=int, default=1, help="sessions at once per engine (per replica)")
     p.add_argument("--max-message-kb", type=int, default=1024, help="largest client message accepted")
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest avatar or video upload accepted")
-    p.add_argument("--idle-timeout", type=float, default=30.0, help="seconds without a message before a session ends")
+    p.add_argument("--max-uploads-mb", type=int, default=1024, help="uploads in progress at once, together")
+    p.add_argument("--max-connections", type=int, default=64, help="WebSocket connections and WebRTC peers at once")
+    p.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="seconds without a message before a session ends (WebRTC: to connect)")
+    p.add_argument("--max-lag", type=float, default=10.0, metavar="SECONDS",
+                   help="a client that takes no frame for this long is dropped")
     p.add_argument("--lookahead", type=float, default=None, metavar="SECONDS",
                    help="speech each chunk waits for past its frames (default: the session default)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (one replica per GPU)")
@@ -374,14 +379,16 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--avatars {args.avatars}: not a folder")
     if args.replicas < 1 or (args.replicas > 1 and not args.ray):
         raise ConfigError("--replicas N (N >= 1) applies with --ray")
-    for name in ("max_message_kb", "max_upload_mb", "idle_timeout"):
+    for name in ("max_message_kb", "max_upload_mb", "max_uploads_mb", "max_connections", "idle_timeout", "max_lag"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     cfg, weights = engine_config(args)
     options = ServerOptions(
         run_config=replace(cfg, max_sessions=args.max_sessions), weights=weights, token=token,
         avatars=args.avatars, max_message_bytes=args.max_message_kb << 10, max_upload_bytes=args.max_upload_mb << 20,
-        idle_timeout=args.idle_timeout, lookahead=DEFAULT_LOOKAHEAD_S if args.lookahead is None else args.lookahead,
+        max_uploads_bytes=args.max_uploads_mb << 20, max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout, max_lag=args.max_lag,
+        lookahead=DEFAULT_LOOKAHEAD_S if args.lookahead is None else args.lookahead,
     )
     _require_server_packages(ray=args.ray)
     _check_port_free(args.host, args.port)  # before the warm-up, not after it
@@ -409,7 +416,7 @@ def _require_server_packages(*, ray: bool) -> None:
 @command("client", "stream speech to a lipforcing server and write what comes back as an MP4")
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="ws://127.0.0.1:8080", help="the server (ws://HOST:PORT)")
-    p.add_argument("--token", default=os.environ.get("LIPFORCING_TOKEN"), help="default: $LIPFORCING_TOKEN")
+    add_token_options(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--avatar", metavar="FILE|NAME", help="a prepared avatar (.lfa) to upload, or the bare name "
                                                               "of one the server holds (no other file is sent)")
@@ -424,13 +431,23 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_client)
 
 
+def add_token_options(p: argparse.ArgumentParser) -> None:
+    """A client's token options (``lipforcing client``, ``bench-serve``): --token, --token-file or the environment."""
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", default=None, help="the server's token (default: --token-file, then "
+                                                     "$LIPFORCING_TOKEN); visible to other users in ps")
+    token.add_argument("--token-file", default=None, metavar="PATH", help="read the token from this file")
+
+
 def _client(args: argparse.Namespace) -> int:
+    from .server.auth import client_token
     from .server.client import ClientOptions, run_client
     from .session import DEFAULT_LOOKAHEAD_S
 
     _require_server_packages(ray=False)
     result = run_client(ClientOptions(
-        url=args.url, token=args.token or None, avatar=args.avatar, video=args.video, speech=args.speech,
+        url=args.url, token=client_token(flag=args.token, file=args.token_file, environ=os.environ),
+        avatar=args.avatar, video=args.video, speech=args.speech,
         output=args.output, fast=args.fast, timeout=args.timeout,
         lookahead=DEFAULT_LOOKAHEAD_S if args.lookahead is None else args.lookahead,
     ))

@@ -241,11 +241,16 @@ def test_an_unknown_avatar_is_refused_with_its_reason(server, speech, tmp_path, 
 # --- bad clients ---------------------------------------------------------------------------------------------
 
 
-async def _connect(server):
+async def _connect(server, token: str | None = TOKEN, **kwargs):
+    """A connection past the server's ``hello`` (its limits, kept as ``ws.hello``)."""
     from websockets.asyncio.client import connect
 
-    return await connect(f"{server.ws}/v1/session", additional_headers={"Authorization": f"Bearer {TOKEN}"},
-                         max_size=protocol.MAX_MESSAGE)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    ws = await connect(f"{server.ws}/v1/session", additional_headers=headers, max_size=protocol.MAX_MESSAGE,
+                       **kwargs)
+    ws.hello = json.loads(await asyncio.wait_for(ws.recv(), 30))
+    assert ws.hello["type"] == "hello", ws.hello
+    return ws
 
 
 async def _next_text(ws, timeout: float = 30.0) -> dict:
@@ -262,8 +267,7 @@ def test_malformed_and_oversized_messages_get_errors_and_the_server_stays_up(ser
         for message in ("not json", json.dumps([1, 2]), json.dumps({"type": "dance"}), json.dumps({"type": "end"}),
                         bytes([0x7F, 1, 2]), b"", bytes([protocol.AUDIO_IN, 1, 2, 3]),
                         protocol.encode_audio_in(np.zeros(320, np.int16)), bytes([protocol.FRAME]) + b"x" * 20,
-                        json.dumps({"type": "start", "avatar": "face3", "lookahead": "soon"}),
-                        bytes([protocol.AUDIO_IN]) + bytes(2 << 20)):  # 2 MiB: over the 1 MiB limit
+                        json.dumps({"type": "start", "avatar": "face3", "lookahead": "soon"})):
             await ws.send(message)
             replies.append(await _next_text(ws))
         await ws.send(json.dumps({"type": "start", "avatar": "face3"}))  # the connection still works
@@ -273,11 +277,25 @@ def test_malformed_and_oversized_messages_get_errors_and_the_server_stays_up(ser
         await ws.close()
         return replies
 
+    async def oversized() -> tuple[dict, int | None]:
+        """One byte over the limit the server states: the transport refuses it (code 1009, "message too big")
+        before the server reads it whole."""
+        from websockets.exceptions import ConnectionClosed
+
+        ws = await _connect(server)
+        limit = ws.hello["max_message_bytes"]
+        await ws.send(bytes([protocol.AUDIO_IN]) + bytes(limit))
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 30)
+        return ws.hello, closed.value.rcvd.code if closed.value.rcvd else None
+
     replies = asyncio.run(scenario())
     codes = [r.get("code") for r in replies[:-2]]
-    assert codes == ["malformed"] * 10 + ["too_large"], replies
+    assert codes == ["malformed"] * 10, replies
     assert replies[-2]["type"] == "ready" and replies[-1]["code"] == "malformed"  # a second start
     assert "already started" in replies[-1]["message"]
+    hello, code = asyncio.run(oversized())
+    assert hello["max_message_bytes"] == 1 << 20 and code == 1009, (hello, code)
     assert _get(f"{server.http}/healthz")[0] == 200
     assert server.wait_idle()["slots_in_use"] == 0
 
@@ -518,15 +536,13 @@ def test_busy_idle_and_upload_limits(workdir, tiny_avatar_file, speech):
                            "--max-upload-mb", "1")
 
     async def scenario() -> list:
-        from websockets.asyncio.client import connect
-
-        first = await connect(f"{server.ws}/v1/session")  # no token configured: open to loopback clients
+        first = await _connect(server, token=None)  # no token configured: open to loopback clients
         await first.send(json.dumps({"type": "start", "avatar": "face3"}))
         ready = await _next_text(first)
-        second = await connect(f"{server.ws}/v1/session")
+        second = await _connect(server, token=None)
         await second.send(json.dumps({"type": "start", "avatar": "face3"}))
         busy = await _next_text(second)
-        third = await connect(f"{server.ws}/v1/session")
+        third = await _connect(server, token=None)
         await third.send(json.dumps({"type": "start", "upload": "avatar", "bytes": 5 << 20}))
         too_big = await _next_text(third)
         idle = await _next_text(first, timeout=30)  # the first client says nothing more

@@ -9,9 +9,15 @@ without the token, the stats with it); ``GET /v1/avatars`` and ``GET /v1/stats``
 token (when the server has one, see auth.py): a wrong or missing token is answered 401 and no session is
 made. No generated API pages (``/docs``, ``/redoc``, ``/openapi.json``): protocol.py is the reference.
 
-Limits, each with a clear error: at most ``max_sessions`` sessions (``busy``), messages of at most
-``max_message_bytes`` (``too_large``: the message is dropped, the connection stays), uploads of at most
-``max_upload_bytes``, and ``idle_timeout`` seconds without a message (``closing``). A malformed message gets
+Limits, each with a clear error: at most ``max_sessions`` sessions (``busy``); at most ``max_connections``
+WebSocket connections and WebRTC peers together (HTTP 503); messages of at most ``max_message_bytes`` (uvicorn
+closes a connection that sends a larger one, code 1009; behind Ray Serve the app answers ``too_large``); a
+WebRTC offer of at most ``max_message_bytes`` (HTTP 413); uploads of at most ``max_upload_bytes`` each and
+``max_uploads_bytes`` in progress together (``too_large``, ``busy``); ``idle_timeout`` seconds without a
+message (``closing``), or, for a WebRTC peer, without connecting. The server states its limits to every client
+in a ``hello`` message first (protocol.py). Speech and frames wait in bounded queues (live.py): a client that
+sends speech faster than its session runs is read at the session's pace, and one that does not take its frames
+for ``max_lag`` seconds is dropped (``closing``). A malformed message gets
 an ``error`` reply and the connection carries on; the log gets one line, not a traceback. A refused upload's
 error does not show the server's file paths. On shutdown (SIGTERM, Ctrl-C) every session is told ``closing``
 before its connection closes, and the server's temporary files are removed, as they are after a start that
@@ -45,6 +51,8 @@ from .live import LiveSession
 
 log = logging.getLogger("lipforcing")
 STATIC = Path(__file__).with_name("static")
+CLOSING_S = 2.0
+"""Seconds the ``closing`` message and the close handshake may take on a client that does not read."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,8 +66,16 @@ class ServerOptions:
     avatars: str | None = None
     """A folder of prepared avatars (*.lfa), offered by name."""
     max_message_bytes: int = 1 << 20
+    """The largest message a client may send (the transport's limit too) and the largest WebRTC offer."""
     max_upload_bytes: int = 512 << 20
+    max_uploads_bytes: int = 1 << 30
+    """The uploads in progress together (the bytes each announced)."""
+    max_connections: int = 64
+    """WebSocket connections and WebRTC peers at once (sessions or not)."""
     idle_timeout: float = 30.0
+    """Seconds without a message before a session ends; for a WebRTC peer, seconds to connect."""
+    max_lag: float = 10.0
+    """Seconds a client may leave its frames untaken before it is dropped."""
     lookahead: float = DEFAULT_LOOKAHEAD_S
     jpeg_quality: int = 85
 
@@ -81,6 +97,7 @@ class ServerState:
         # named now, made by start(): whoever holds the state can remove it whenever the process is stopped
         self.tmp = Path(tempfile.gettempdir()) / f"lipforcing-serve-{secrets.token_hex(6)}"
         self.peers: dict = {}  # WebRTC peer connection -> its closing-message function
+        self.uploading = 0  # bytes announced by the uploads in progress
 
     def start(self) -> None:
         """Build and warm the engine, load the avatars (blocking: run it in a thread). Once only; a failure is
@@ -123,6 +140,10 @@ class ServerState:
     def authorized(self, headers, query) -> bool:
         return token_matches(self.options.token, headers, query)
 
+    def full(self) -> bool:
+        """Whether ``max_connections`` connections and peers are open."""
+        return len(self.connections) + len(self.peers) >= self.options.max_connections
+
     def stats(self) -> dict:
         engine = self.engine
         return {
@@ -146,31 +167,45 @@ class Connection:
         self.upload: dict | None = None
         self.closed = False
         self.ended = False  # the client said "end"
+        self.dropped: str | None = None  # why the server dropped a client that does not read
+        self.reader: asyncio.Task | None = None  # the task that runs ``run``
         self.id = uuid.uuid4().hex[:12]
 
-    async def send_text(self, text: str) -> None:
+    async def send_text(self, text: str, timeout: float | None = None) -> None:
         if not self.closed:
             try:
-                await self.ws.send_text(text)
-            except Exception:  # the client went away: the receive loop notices
+                await asyncio.wait_for(self.ws.send_text(text), timeout or self.state.options.max_lag)
+            except Exception:  # the client went away or does not read: the receive loop notices
                 self.closed = True
 
     async def shut(self, reason: str) -> None:
-        """Tell the client the session ends, stop it and close the connection."""
-        await self.send_text(protocol.closing(reason))
+        """Tell the client the session ends, stop it and close the connection (a client that does not read gets
+        ``CLOSING_S`` seconds for each of the two: a shutdown waits for nobody)."""
         self._stop_live()
+        await self.send_text(protocol.closing(reason), timeout=CLOSING_S)
         if not self.closed:
             self.closed = True
-            with contextlib.suppress(Exception):  # already gone
-                await self.ws.close(code=1001)
+            with contextlib.suppress(Exception):  # already gone, or not reading
+                await asyncio.wait_for(self.ws.close(code=1001), CLOSING_S)
 
     def _stop_live(self) -> None:
         if self.live is not None:
             self.live.close()
 
     async def run(self) -> None:
+        """The receive loop, until the client leaves, the session ends or the client is dropped."""
+        self.reader = asyncio.current_task()
+        try:
+            await self._receive_loop()
+        except asyncio.CancelledError:
+            if self.dropped is None:  # cancelled by the server's shutdown, not by ``_drop``
+                raise
+
+    async def _receive_loop(self) -> None:
         opts = self.state.options
         sender = None
+        await self.send_text(protocol.hello(max_message_bytes=opts.max_message_bytes,
+                                            max_upload_bytes=opts.max_upload_bytes, max_lag_s=opts.max_lag))
         try:
             while not self.closed:
                 # idle: no message while the session waits for speech (not while it finishes after "end")
@@ -228,13 +263,14 @@ class Connection:
         if kind == "close":
             await self.shut("closed by the client")
             return False
-        raise protocol.ProtocolError(f"unknown message type {kind!r}")
+        raise protocol.ProtocolError(f"unknown message type {kind[:40]!r}")
 
     async def _binary(self, message: protocol.Decoded) -> bool:
         if message.kind == protocol.AUDIO_IN:
             if self.live is None:
                 raise protocol.ProtocolError("AUDIO before the session started")
             self.live.push_audio(message.payload)
+            await self.live.wait_room()  # backpressure: the socket is not read while the session catches up
             return False
         if message.kind == protocol.UPLOAD:
             if self.upload is None:
@@ -264,8 +300,13 @@ class Connection:
             if size > opts.max_upload_bytes:
                 await self._refuse("too_large", f"an upload of {size} bytes; at most {opts.max_upload_bytes}")
                 return False
+            if state.uploading + size > opts.max_uploads_bytes:
+                await self._refuse("busy", f"the server receives {state.uploading} bytes of uploads already; try "
+                                           f"again later")
+                return False
             path = state.tmp / f"{self.id}{'.lfa' if kind == 'avatar' else '.video'}"
             self.upload = dict(kind=kind, bytes=size, received=0, path=path, file=open(path, "wb"))  # noqa: SIM115
+            state.uploading += size
             return False
         name = message.get("avatar")
         if not isinstance(name, str):
@@ -280,6 +321,7 @@ class Connection:
 
         up, self.upload = self.upload, None
         up["file"].close()
+        self.state.uploading -= up["bytes"]
         try:
             if up["kind"] == "avatar":
                 avatar = await asyncio.to_thread(Avatar.load, up["path"])
@@ -332,22 +374,40 @@ class Connection:
             try:
                 if item[0] == "frames":
                     _, frames, (first, speech) = item
-                    await self.ws.send_bytes(protocol.encode_audio_out(first, speech))
+                    await self._send_bytes(protocol.encode_audio_out(first, speech))
                     for index, jpeg in frames:
-                        await self.ws.send_bytes(protocol.encode_frame(index, jpeg))
+                        await self._send_bytes(protocol.encode_frame(index, jpeg))
                 elif item[0] == "done":
-                    await self.ws.send_text(json.dumps({"type": "done", "frames": item[1]}))
+                    await asyncio.wait_for(self.ws.send_text(json.dumps({"type": "done", "frames": item[1]})),
+                                           self.state.options.max_lag)
                     self.closed = True
-                    await self.ws.close(code=1000)
+                    await asyncio.wait_for(self.ws.close(code=1000), self.state.options.max_lag)
                 elif item[0] == "error":
                     message = str(item[1]) if isinstance(item[1], LipforcingError) else repr(item[1])
                     await self.send_text(protocol.error("internal", f"the session failed: {message}"))
                     await self.shut("the session failed")
-            except Exception:  # the client went away
+            except asyncio.TimeoutError:
+                self._drop(f"the client took no frame for {self.state.options.max_lag:g} s")
+            except Exception:  # the client went away (the receive loop may be waiting for the session: stop it)
                 self.closed = True
+                self._stop_live()
+
+    async def _send_bytes(self, data: bytes) -> None:
+        """Send, or raise TimeoutError when the client's socket takes nothing for ``max_lag`` seconds."""
+        await asyncio.wait_for(self.ws.send_bytes(data), self.state.options.max_lag)
+
+    def _drop(self, reason: str) -> None:
+        """Stop the session of a client that does not read, and end its receive loop (its socket cannot take a
+        ``closing`` message; the transport closes it)."""
+        log.warning("lipforcing serve: connection %s dropped: %s", self.id, reason)
+        self.dropped, self.closed = reason, True
+        self._stop_live()
+        if self.reader is not None:
+            self.reader.cancel()
 
     def _drop_upload(self) -> None:
         if self.upload is not None:
+            self.state.uploading -= self.upload["bytes"]
             self.upload["file"].close()
             self.upload["path"].unlink(missing_ok=True)
             self.upload = None
@@ -372,6 +432,10 @@ def build_app(options: ServerOptions):
 
     def refused():
         return JSONResponse({"error": "unauthorized: send the server's token"}, status_code=401)
+
+    def full():
+        return JSONResponse({"error": f"the server has {options.max_connections} connections open; try again later"},
+                            status_code=503)
 
     @app.get("/")
     async def page():
@@ -410,6 +474,9 @@ def build_app(options: ServerOptions):
         if not state.ready:
             await ws.close(code=1013)  # try again later
             return
+        if state.full():
+            await ws.send_denial_response(full())
+            return
         await ws.accept()
         connection = Connection(ws, state)
         state.connections.add(connection)
@@ -424,8 +491,13 @@ def build_app(options: ServerOptions):
             return refused()
         from .webrtc import answer_offer
 
+        if state.full():
+            return full()
+        raw = await _read_body(request, options.max_message_bytes)
+        if raw is None:
+            return JSONResponse({"error": f"an offer of at most {options.max_message_bytes} bytes"}, status_code=413)
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except (ValueError, RecursionError):  # (nested too deep for the parser)
             return JSONResponse({"error": "the offer must be JSON: {sdp, type, avatar}"}, status_code=400)
         try:
@@ -435,3 +507,17 @@ def build_app(options: ServerOptions):
             return JSONResponse({"error": "the server could not answer the offer"}, status_code=500)
 
     return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None when it is longer than ``limit`` bytes (read no further than that)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    pieces, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            return None
+        pieces.append(piece)
+    return b"".join(pieces)

@@ -24,6 +24,23 @@ TOKEN_VARIABLE = "LIPFORCING_TOKEN"
 
 def server_token(*, flag: str | None, file: str | None, environ: Mapping[str, str]) -> str | None:
     """The token clients must send, or None when none was given anywhere; ConfigError for an empty one."""
+    given = given_token(flag=flag, file=file, environ=environ)
+    if given is None:
+        return None
+    token, source = given
+    if not token:
+        raise ConfigError(f"{source} is empty: give a token, or leave it out to serve on loopback without one")
+    return token
+
+
+def client_token(*, flag: str | None, file: str | None, environ: Mapping[str, str]) -> str | None:
+    """The token a client sends (``lipforcing client``, ``bench-serve``): the same sources as the server's."""
+    given = given_token(flag=flag, file=file, environ=environ)
+    return given[0] or None if given is not None else None
+
+
+def given_token(*, flag: str | None, file: str | None, environ: Mapping[str, str]) -> tuple[str, str] | None:
+    """(the token, blanks around it dropped; where it came from), or None when none was given anywhere."""
     if flag is not None:
         token, source = flag, "--token"
     elif file is not None:
@@ -38,10 +55,7 @@ def server_token(*, flag: str | None, file: str | None, environ: Mapping[str, st
         token, source = environ[TOKEN_VARIABLE], f"${TOKEN_VARIABLE}"
     else:
         return None
-    token = token.strip()  # clients' Bearer tokens are stripped too: surrounding blanks could never match
-    if not token:
-        raise ConfigError(f"{source} is empty: give a token, or leave it out to serve on loopback without one")
-    return token
+    return token.strip(), source  # clients' Bearer tokens are stripped too: surrounding blanks could never match
 
 
 def is_loopback(host: str) -> bool:

@@ -31,6 +31,7 @@ from . import protocol
 
 PIECE_S = 0.02
 UPLOAD_PIECE = 256 << 10
+"""The largest upload piece, when the server's limit (its ``hello``) allows it."""
 
 
 class ServerRefused(LipforcingError):
@@ -188,6 +189,7 @@ class _Client:
 
     async def _start(self, ws) -> dict:
         o, upload = self.options, self.upload
+        hello = await self._hello(ws)
         start = {"type": "start", "lookahead": o.lookahead, "sample_rate": 16000}
         if upload is None:
             start["avatar"] = o.avatar
@@ -195,8 +197,12 @@ class _Client:
             start.update(upload=upload[0], bytes=upload[1].stat().st_size)
         await ws.send(json.dumps(start))
         if upload is not None:
+            piece_bytes = min(UPLOAD_PIECE, int(hello["max_message_bytes"]) - 1)  # (one byte of message type)
+            if piece_bytes < 1:
+                raise ServerRefused(f"the server takes messages of {hello['max_message_bytes']} bytes: too small "
+                                    f"to upload anything")
             with open(upload[1], "rb") as f:
-                while piece := f.read(UPLOAD_PIECE):
+                while piece := f.read(piece_bytes):
                     await ws.send(protocol.encode_upload(piece))
         while True:  # the server may take a while to prepare an uploaded video
             message = await self._receive(ws, o.timeout + (600 if o.video else 0))
@@ -207,6 +213,14 @@ class _Client:
                     return reply
                 if reply["type"] in ("error", "closing"):
                     raise ServerRefused(f"the server refused the session: {_reason(reply)}")
+
+    async def _hello(self, ws) -> dict:
+        """The server's first message: its limits."""
+        message = await self._receive(ws, self.options.timeout)
+        reply = json.loads(message) if isinstance(message, str) else {}
+        if reply.get("type") != "hello" or not isinstance(reply.get("max_message_bytes"), int):
+            raise ServerRefused("the server did not say hello: not a lipforcing server of this protocol version")
+        return reply
 
     async def _receive(self, ws, timeout: float):
         from websockets.exceptions import ConnectionClosed

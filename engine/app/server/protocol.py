@@ -17,7 +17,12 @@ Client -> server
            0x02 UPLOAD + file bytes (consecutive pieces of the upload)
 
 Server -> client
-    text   {"type": "ready", "session": ID, "width": W, "height": H, "fps": 25, "sample_rate": 16000,
+    text   {"type": "hello", "protocol": 1, "max_message_bytes": N, "max_upload_bytes": M, "max_lag_s": S}
+                                                                first, on every connection: the server's limits
+                                                                (UPLOAD pieces carry at most N - 1 bytes; a
+                                                                client that takes no frame for S seconds is
+                                                                dropped)
+           {"type": "ready", "session": ID, "width": W, "height": H, "fps": 25, "sample_rate": 16000,
             "protocol": 1, "replica": PID}
            {"type": "error", "code": CODE, "message": TEXT}      the request is refused; the connection stays
                                                                 unless the code is fatal (see FATAL)
@@ -132,6 +137,12 @@ def decode_text(text: str) -> dict:
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError('a text message must be a JSON object with a "type"')
     return message
+
+
+def hello(*, max_message_bytes: int, max_upload_bytes: int, max_lag_s: float) -> str:
+    """The ``hello`` message: the first one on every connection, the server's limits."""
+    return json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "max_message_bytes": max_message_bytes,
+                       "max_upload_bytes": max_upload_bytes, "max_lag_s": max_lag_s})
 
 
 def ready(session: str, width: int, height: int) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 
 from ...errors import LipforcingError
-from . import protocol
 from .app import ServerOptions, build_app
 
 log = logging.getLogger("lipforcing")
@@ -38,8 +37,9 @@ def _serve_until_stopped(app, state, host: str, port: int) -> None:
             await state.close_connections("the server is shutting down")  # before uvicorn drops them
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", ws_max_size=protocol.MAX_MESSAGE,
-                            lifespan="on", timeout_graceful_shutdown=10)
+    # the transport's message limit is the app's: a larger message is refused before it is read whole
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                            ws_max_size=state.options.max_message_bytes, timeout_graceful_shutdown=10)
     log.warning("lipforcing serve: http://%s:%d (warming up)", host, port)
     state.start()  # before listening: a server that cannot start says why and exits (status 2)
     if state.failed:

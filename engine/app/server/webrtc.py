@@ -15,6 +15,11 @@ A data channel labelled ``lipforcing``, when the peer opens one, carries the JSO
 protocol: ``ready``, ``error``, ``done`` and ``closing`` (server shutdown) from the server; ``end`` (no more
 speech: the session finishes its frames and sends ``done``) and ``close`` from the peer. RTP has no end of
 speech: without ``end`` a session runs until the peer closes the connection, the avatar playing on silence.
+
+Bounds: a peer that has not connected ``idle_timeout`` seconds after its answer is closed and its session freed;
+the outgoing tracks hold at most ``TRACK_QUEUE_S`` seconds of frames, and a session whose tracks take nothing
+for ``max_lag`` seconds is closed; speech that arrives faster than the session runs (past ``live.py``'s
+bound) is dropped, since RTP cannot be slowed down.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ log = logging.getLogger("lipforcing")
 VIDEO_CLOCK = 90000
 AUDIO_FRAME = 320  # 20 ms at 16 kHz
 WEBRTC_RATE = 48000  # what aiortc's Opus decoder gives
+TRACK_QUEUE_S = 2.0
+"""Seconds of frames each outgoing track may hold before the session's output waits."""
 
 
 def _tracks():
@@ -43,10 +50,10 @@ def _tracks():
     class QueueTrack(MediaStreamTrack):
         """A track whose frames are put on a queue (by the session's output pump)."""
 
-        def __init__(self, kind: str) -> None:
+        def __init__(self, kind: str, size: int) -> None:
             super().__init__()
             self.kind = kind
-            self.queue: asyncio.Queue = asyncio.Queue()
+            self.queue: asyncio.Queue = asyncio.Queue(maxsize=size)
 
         async def recv(self):
             frame = await self.queue.get()
@@ -57,7 +64,8 @@ def _tracks():
                 raise MediaStreamError
             return frame
 
-    return QueueTrack("video"), QueueTrack("audio")
+    per_second = protocol.OUTPUT_RATE // AUDIO_FRAME
+    return QueueTrack("video", int(TRACK_QUEUE_S * 25)), QueueTrack("audio", int(TRACK_QUEUE_S * per_second))
 
 
 async def answer_offer(state, body: dict):
@@ -105,12 +113,30 @@ async def answer_offer(state, body: dict):
                 mono = pcm.reshape(-1, channels_in).mean(axis=1) if frame.format.is_packed else pcm.mean(axis=0)
                 if frame.sample_rate != WEBRTC_RATE:
                     raise MediaStreamError
-                live.push_audio(mono.astype(np.int16))
+                if live.has_room():  # (more speech than the session can take: dropped, RTP cannot wait)
+                    live.push_audio(mono.astype(np.int16))
         except MediaStreamError:
             live.end()
 
+    async def put(track, frame) -> None:
+        await asyncio.wait_for(track.queue.put(frame), state.options.max_lag)
+
     async def pump() -> None:
-        """The session's output -> the two outgoing tracks."""
+        """The session's output -> the two outgoing tracks; a peer whose tracks take nothing for ``max_lag``
+        seconds is closed."""
+        try:
+            await forward()
+        except asyncio.TimeoutError:
+            log.warning("lipforcing serve: WebRTC session %s dropped: its tracks took no frame for %g s",
+                        session_id, state.options.max_lag)
+            await drop()
+
+    async def drop() -> None:
+        live.close()
+        state.peers.pop(pc, None)
+        await pc.close()
+
+    async def forward() -> None:
         async for item in live.outputs():
             if item[0] == "done":
                 tell(json.dumps({"type": "done", "frames": item[1]}))
@@ -123,15 +149,15 @@ async def answer_offer(state, body: dict):
             for index, rgb in frames:
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
                 frame.pts, frame.time_base = index * (VIDEO_CLOCK // 25), Fraction(1, VIDEO_CLOCK)
-                await video.queue.put(frame)
+                await put(video, frame)
             for start in range(0, speech.size, AUDIO_FRAME):
                 piece = speech[start : start + AUDIO_FRAME]
                 out = av.AudioFrame.from_ndarray(piece[None].astype(np.int16), format="s16", layout="mono")
                 out.sample_rate, out.pts = protocol.OUTPUT_RATE, first * protocol.SAMPLES_PER_FRAME + start
                 out.time_base = Fraction(1, protocol.OUTPUT_RATE)
-                await audio.queue.put(out)
-        await video.queue.put(None)
-        await audio.queue.put(None)
+                await put(audio, out)
+        await put(video, None)
+        await put(audio, None)
 
     @pc.on("datachannel")
     def on_channel(channel) -> None:
@@ -168,9 +194,14 @@ async def answer_offer(state, body: dict):
     @pc.on("connectionstatechange")
     async def on_state() -> None:
         if pc.connectionState in ("failed", "closed"):
-            live.close()
-            state.peers.pop(pc, None)
-            await pc.close()
+            await drop()
+
+    async def connect_or_drop() -> None:
+        await asyncio.sleep(state.options.idle_timeout)
+        if pc in state.peers and pc.connectionState != "connected":
+            log.warning("lipforcing serve: WebRTC session %s dropped: the peer did not connect within %g s",
+                        session_id, state.options.idle_timeout)
+            await drop()
 
     state.peers[pc] = lambda reason: tell(protocol.closing(reason))
     try:
@@ -184,5 +215,6 @@ async def answer_offer(state, body: dict):
         await pc.close()
         return JSONResponse({"error": f"cannot answer the offer: {exc}"}, status_code=400)
     asyncio.ensure_future(pump())
+    asyncio.ensure_future(connect_or_drop())
     log.info("lipforcing serve: WebRTC session %s", session_id)
     return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": session_id}
