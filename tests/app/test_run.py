@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 from lipforcing.cli import main  # noqa: E402
 from lipforcing.engine.app.engine import RunConfig, build_engine  # noqa: E402
 from lipforcing.engine.app.run import run_video  # noqa: E402
+from lipforcing.engine.errors import NoFaceError  # noqa: E402
 from lipforcing.engine.media.face import FaceAligner  # noqa: E402
 from lipforcing.engine.media.io import VideoReader, load_audio, probe  # noqa: E402
 from lipforcing.engine.media.length import clip_length_from_samples  # noqa: E402
@@ -162,7 +163,7 @@ def test_no_face_passes_through_or_fails_with_require_face(tmp_path, capsys):
     assert "no face" in capsys.readouterr().err and not out2.exists()
     engine = build_engine(RunConfig(model="tiny", device="cpu", dtype="fp32", encoder="taehv", require_face=True))
     engine.pipeline.submit = lambda *a, **k: pytest.fail("the model ran on a faceless clip")
-    with pytest.raises(Exception, match="no face"):
+    with pytest.raises(NoFaceError, match="no face"):
         run_video(src, None, out2, engine, progress=False)
 
 
@@ -184,11 +185,53 @@ def test_report_names_the_path_that_ran(shared_dir, short_speech, tmp_path, caps
     assert {"face alignment", "encode", "student", "decode", "paste-back"} <= set(summary["stage_seconds"])
     assert set(summary["fields"]) >= {"fps", "path", "stage_seconds"}
     assert "static scheduler" in capsys.readouterr().out
-    assert main([*args[:-len(TINY)], "--scheduler", "reference", "--pipeline", "sequential", *TINY]) == 0
-    assert json.loads(report.read_text())["path"]["scheduler"] == "reference"
     untimed = tmp_path / "untimed.json"
     assert main([a for a in args if a != "--timing"][:-len(TINY) - 2] + ["--report", str(untimed), *TINY]) == 0
     assert "stage_seconds" not in json.loads(untimed.read_text())  # timing is opt-in
+
+
+def test_the_default_path_writes_the_reference_paths_frames(shared_dir, short_speech, tmp_path):
+    """``lipforcing run`` as a user runs it (the static scheduler and every default of the CPU path) writes the
+    frames of the plain reference path (the sequential sampler, reference attention, PyTorch decoder), decoded
+    from the two MP4s; each report names the path that ran. (Two chunks, to keep it short: the steady-state
+    window is compared in tests/runtime/test_static.py.)"""
+    audio_path, speech = short_speech
+    src = shared_dir / "assets/clips/face5.mp4"
+    reference_path = ["--scheduler", "reference", "--pipeline", "sequential", "--backend", "reference",
+                      "--decoder-backend", "torch"]
+    frames, paths = {}, {}
+    for name, extra in (("default", []), ("reference", reference_path)):
+        out, report = tmp_path / f"{name}.mp4", tmp_path / f"{name}.json"
+        assert main(["run", str(src), "--audio", str(audio_path), "-o", str(out), "--report", str(report),
+                     *extra, *TINY]) == 0
+        frames[name], paths[name] = np.stack(list(VideoReader(out))), json.loads(report.read_text())["path"]
+    assert paths["default"]["scheduler"] == "static"
+    assert {k: paths["reference"][k] for k in ("scheduler", "pipeline", "attention", "decoder_backend")} == \
+        {"scheduler": "reference", "pipeline": "sequential", "attention": "reference", "decoder_backend": "torch"}
+    n = clip_length_from_samples(speech.size).frames
+    assert len(frames["default"]) == len(frames["reference"]) == n == 21
+    assert np.array_equal(frames["default"], frames["reference"])
+
+
+def test_sigterm_before_the_first_frame_leaves_no_file(shared_dir, tmp_path):
+    """SIGTERM while the engine warms up (no frame finished yet): exit 143, one line saying so, no output file
+    and no hidden partial file."""
+    out = tmp_path / "never.mp4"
+    cmd = [sys.executable, "-m", "lipforcing.cli", "-v", "run", str(shared_dir / "assets/clips/face2.mp4"), "-o",
+           str(out), *TINY]  # -v: the engine's start-up line says when the handlers are in place
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+    lines = []
+    for line in iter(proc.stderr.readline, b""):
+        lines.append(line)
+        if line.startswith(b"lipforcing: engine "):  # built, not warmed up: the first frame is seconds away
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=120)[1]
+    err = (b"".join(lines) + rest).decode()
+    assert any(line.startswith(b"lipforcing: engine ") for line in lines), err
+    assert proc.returncode == 143, err
+    assert err.splitlines()[-1] == "terminated" and "Traceback" not in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
 def test_missing_weights_list_every_file(tmp_path, capsys, shared_dir):
