@@ -330,7 +330,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="serve without a token on a --host other machines can reach (anyone who connects may use it)")
     p.add_argument("--avatars", default=None, metavar="DIR", help="a folder of prepared avatars (*.lfa) to offer")
-    p.add_argument("--max-sessions", type=int, default=1, help="sessions at once per engine (per replica)")
+    p.add_argument("--max-sessions", type=int, default=None,
+                   help="sessions at once per engine (per replica); default: 1 on a CPU, on a GPU as many as the "
+                        "memory plan fits in its free memory (at most 8)")
     p.add_argument("--max-message-kb", type=int, default=1024, help="largest client message accepted")
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest avatar or video upload accepted")
     p.add_argument("--max-uploads-mb", type=int, default=1024, help="uploads in progress at once, together")
@@ -383,8 +385,16 @@ def _serve(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     cfg, weights = engine_config(args)
+    if args.max_sessions is None:
+        from .server.serve import default_sessions
+
+        sessions, why = default_sessions(cfg)
+        logging.getLogger("lipforcing").warning("lipforcing serve: %d session(s) per engine (%s; --max-sessions "
+                                                "sets it)", sessions, why)
+    else:
+        sessions = args.max_sessions
     options = ServerOptions(
-        run_config=replace(cfg, max_sessions=args.max_sessions), weights=weights, token=token,
+        run_config=replace(cfg, max_sessions=sessions), weights=weights, token=token,
         avatars=args.avatars, max_message_bytes=args.max_message_kb << 10, max_upload_bytes=args.max_upload_mb << 20,
         max_uploads_bytes=args.max_uploads_mb << 20, max_connections=args.max_connections,
         idle_timeout=args.idle_timeout, max_lag=args.max_lag,

@@ -275,3 +275,39 @@ def test_the_client_uploads_only_avatar_files(tmp_path, capsys):
     assert code == 2 and "no such file" in err, err
     code, err = client("face3")
     assert code == 2 and "cannot reach" in err, err
+
+
+# --- sessions per engine ------------------------------------------------------------------------------------------
+
+
+def test_sessions_per_engine_default_to_one_on_a_cpu_and_say_so(serve, caplog):
+    code, _, options = serve()
+    assert code == 0 and options.run_config.max_sessions == 1
+    assert "1 session(s) per engine (on a CPU; --max-sessions sets it)" in caplog.text, caplog.text
+    caplog.clear()
+    code, _, options = serve("--max-sessions", "3")
+    assert code == 0 and options.run_config.max_sessions == 3 and "per engine" not in caplog.text
+
+
+def test_sessions_per_engine_on_a_gpu_are_what_the_memory_plan_fits(monkeypatch):
+    """One session's plan, then each more, in 90% of the free memory, at most eight (the plan itself is
+    ``lipforcing info --memory``'s, tested with the tools)."""
+    from lipforcing.engine.app.engine import RunConfig
+    from lipforcing.engine.app.server.serve import default_sessions
+
+    asked = []
+
+    def plan(cfg, stream, **kwargs):
+        asked.append((cfg.num_layers, stream.latent_h, kwargs))
+        return {"total_bytes": 10 << 30, "per_session_bytes": 2 << 30}
+
+    monkeypatch.setattr("lipforcing.engine.tools.memory.memory_plan", plan)
+    gpu = RunConfig(model="tiny", device="cuda", dtype="bf16", encoder="taehv")
+    assert default_sessions(gpu, free_bytes=20 << 30)[0] == 5  # 18 GiB: 10 + 4 x 2
+    assert default_sessions(gpu, free_bytes=10 << 30)[0] == 1  # not even one fits: one, as asked before
+    assert default_sessions(gpu, free_bytes=200 << 30)[0] == 8
+    sessions, why = default_sessions(gpu, free_bytes=20 << 30)
+    assert "10.0 GiB for one session, 2.00 GiB each more, 20.0 GiB free" in why
+    assert asked[0][1] == 64 and asked[0][2]["avatar"] and asked[0][2]["encoder"] == "taehv"  # 512x512 crops
+    assert default_sessions(RunConfig(model="tiny", device="cuda", scheduler="reference"))[0] == 1
+    assert len(asked) == 4  # (the reference scheduler never asks the plan)

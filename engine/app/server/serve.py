@@ -13,9 +13,44 @@ from __future__ import annotations
 import logging
 
 from ...errors import LipforcingError
+from ..engine import RunConfig
 from .app import ServerOptions, build_app
 
 log = logging.getLogger("lipforcing")
+GIB = 1 << 30
+
+
+MAX_DEFAULT_SESSIONS = 8
+"""The most sessions per engine a sized default gives (past it, ask with --max-sessions)."""
+
+
+def default_sessions(config: RunConfig, free_bytes: int | None = None) -> tuple[int, str]:
+    """Sessions per engine when ``--max-sessions`` is not given, and why: 1 on a CPU (the sessions would share
+    its cores) or without the static scheduler; on a GPU as many as the memory plan of sessions on prepared
+    avatars (``lipforcing info --memory --avatar``, at the engine's 512x512 face crops and 1080p frames) fits in
+    90% of the device's free memory, at most ``MAX_DEFAULT_SESSIONS``. ``free_bytes``: the device's free memory
+    (default: asked from CUDA)."""
+    if not config.device.startswith("cuda"):
+        return 1, "on a CPU"
+    if config.scheduler != "static":
+        return 1, "with the reference scheduler"
+    from ...dit.config import ModelConfig, StreamConfig
+    from ...media.face import FACE_SIZE
+    from ...numerics import parse_precision
+    from ...tools.memory import memory_plan
+
+    if free_bytes is None:
+        import torch
+
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(config.device))
+    dtype, fp8 = parse_precision(config.dtype)
+    plan = memory_plan(ModelConfig.from_name(config.model), StreamConfig.for_resolution(FACE_SIZE, FACE_SIZE),
+                       dtype=dtype, fp8=fp8, encoder=config.encoder, decoder=config.decoder, avatar=True)
+    budget = int(free_bytes * 0.9)
+    fits = 1 + max(0, budget - plan["total_bytes"]) // max(1, plan["per_session_bytes"])
+    sessions = int(min(MAX_DEFAULT_SESSIONS, fits))
+    return sessions, (f"the memory plan: {plan['total_bytes'] / GIB:.1f} GiB for one session, "
+                      f"{plan['per_session_bytes'] / GIB:.2f} GiB each more, {free_bytes / GIB:.1f} GiB free")
 
 
 def run_server(options: ServerOptions, *, host: str = "127.0.0.1", port: int = 8080) -> None:
@@ -83,6 +118,20 @@ def _wait_for_replicas(host: str, port: int, replicas: int, token: str | None, t
             time.sleep(0.2)
 
 
+def ray_node_address(host: str) -> str | None:
+    """The address Ray's servers listen on for a server on ``host``: that address (localhost: 127.0.0.1); None
+    (Ray's choice, the machine's address) for every interface (0.0.0.0, ::) or a host name."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return None if address.is_unspecified else str(address)
+
+
 def run_ray(options: ServerOptions, *, replicas: int, host: str = "127.0.0.1", port: int = 8080) -> None:
     """The same application on Ray Serve: ``replicas`` replicas, one GPU each on CUDA (CPU replicas
     otherwise). A WebSocket session lives on the replica that accepted its connection; a WebRTC session on
@@ -98,8 +147,10 @@ def run_ray(options: ServerOptions, *, replicas: int, host: str = "127.0.0.1", p
     if not verbose:  # Ray's own lines (token-auth notice, Serve's INFO) only with -v
         for name in ("ray", "ray.serve"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray's own servers (GCS, raylet, workers, object manager) listen on the node's address: the host asked for,
+    # so that with --host 127.0.0.1 none of them is reachable from the network either
     ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             ignore_reinit_error=True)
+             ignore_reinit_error=True, _node_ip_address=ray_node_address(host))
     serve.start(http_options={"host": host, "port": port},
                 logging_config=None if verbose else serve.schema.LoggingConfig(log_level="WARNING"))
 
