@@ -1,6 +1,6 @@
 """pytest-benchmark timings of the Triton kernels at the real shapes (CUDA only).
 
-    pytest bench/test_bench_kernels.py --benchmark-columns=median,iqr,rounds
+    pytest tests/bench/test_bench_kernels.py --benchmark-columns=median,iqr,rounds
 
 Each timed round is one call followed by torch.cuda.synchronize() (host wall clock of the call, launch
 overhead included); warm-up rounds (autotuning, first launch) are excluded. For GPU-only times and the
