@@ -8,13 +8,20 @@ configuration reuse one loaded engine (its weights), so creating and destroying 
     s.push_speech(float32_bytes, 16000); s.end_speech()        # the whole clip (or live=1: as it is spoken)
     s.push_frame(rgb_bytes, width, height, stride)              # any size; frames come out at the source size
     s.pop(timeout_s) -> (index, rgb_bytes, width, height) | None (none yet) | "end" (closed and drained)
+    s.pop_into(view, stride, timeout_s) -> (index, width, height) | None | "end"   # into the caller's buffer
     s.close()                                                   # flush: the rest becomes poppable
+
+``redirect_output(sink)`` points an embedded interpreter's stdout and stderr at ``sink(level, line)`` (the C
+library's log callback or its stderr), so that nothing Python prints reaches a C host's stdout.
 """
 
 from __future__ import annotations
 
+import io
+import sys
 import threading
 from collections import deque
+from typing import Callable
 
 import numpy as np
 
@@ -30,6 +37,41 @@ _engines_lock = threading.Lock()
 
 class StateError(LipforcingError):
     """A call out of order (a frame before the speech is complete, a push after close)."""
+
+
+class ArgumentError(LipforcingError):
+    """A caller's buffer or size that cannot be used (LF_ERR_ARGUMENT)."""
+
+
+class LineSink(io.TextIOBase):
+    """A text stream that hands each complete line to ``sink(level, line)`` (level 0: stdout, 1: stderr)."""
+
+    encoding = "utf-8"
+
+    def __init__(self, sink: Callable[[int, str], None], level: int) -> None:
+        self._sink, self._level, self._pending = sink, level, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._sink(self._level, line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            line, self._pending = self._pending, ""
+            self._sink(self._level, line)
+
+    def fileno(self) -> int:  # faulthandler and the like write to the process's stderr
+        return 2
+
+
+def redirect_output(sink: Callable[[int, str], None]) -> None:
+    """Python's stdout and stderr to ``sink``, line by line (the embedded interpreter of the C library)."""
+    sys.stdout, sys.stderr = LineSink(sink, 0), LineSink(sink, 1)
 
 
 def _engine(config: dict) -> Engine:
@@ -125,6 +167,27 @@ class NativeSession:
                 frame = np.ascontiguousarray(frame, np.uint8)
                 return index, frame.tobytes(), frame.shape[1], frame.shape[0]
             return "end" if self._finished else None
+
+    def pop_into(self, buffer: memoryview, stride: int, timeout: float):
+        """``pop`` written into ``buffer`` (rows of ``stride`` bytes): (index, width, height), None or "end". A
+        frame that does not fit raises ValueError and stays queued."""
+        with self._lock:
+            if not self._out and self._session is not None and not self._finished:
+                self._take(self._session.pop(max(0.0, timeout)))
+            if not self._out:
+                return "end" if self._finished else None
+            index, frame = self._out[0]
+            height, width = frame.shape[:2]
+            needed = stride * (height - 1) + 3 * width
+            if stride < 3 * width or len(buffer) < needed:
+                raise ArgumentError(f"a {width}x{height} frame needs a stride of at least {3 * width} and "
+                                    f"{stride * (height - 1) + 3 * width} bytes, got stride {stride} and "
+                                    f"{len(buffer)} bytes")
+            rows = np.frombuffer(buffer, np.uint8, count=needed)
+            target = np.lib.stride_tricks.as_strided(rows, (height, width, 3), (stride, 3, 1), writeable=True)
+            np.copyto(target, frame, casting="unsafe")
+            self._out.popleft()
+            return index, width, height
 
     def close(self) -> None:
         with self._lock:

@@ -1,11 +1,12 @@
 /*
  * ctest cases of the C ABI:
- *   test_capi errors          bad input gets an error code and a message, never a crash
+ *   test_capi errors          the status table: every entry point x each bad input, the code and message
  *   test_capi session DIR     a tiny session on a shared clip's frames and speech (DIR from make_clip.py)
  *   test_capi cycles          50 create/destroy cycles do not grow resident memory
  *   test_capi threads         sessions created, fed and destroyed from four threads at once (the GIL)
  * Exit 0: pass, 1: fail, 77: skipped (no shared clip).
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,61 +36,148 @@ static lf_config tiny(void) {
     return config;
 }
 
+/* One row of the status table: what a call returned against what the header promises. */
+static void expect(const char *what, int got, int want, const char *message) {
+    CHECK(got == want, "%s: %s, expected %s", what, lf_status_name(got), lf_status_name(want));
+    if (got == want && want < 0)
+        CHECK(message && strstr(lf_last_error(), message), "%s: message '%s' lacks '%s'", what, lf_last_error(),
+              message);
+}
+
+/* Every entry point x each bad input: the status code the header promises and the message, never a crash. */
 static int errors(void) {
     lf_config config = tiny();
     lf_session *session = NULL;
-    float speech[16000] = {0};
+    static float speech[16000];
     uint8_t pixels[64 * 64 * 3] = {0};
     lf_frame frame;
 
-    CHECK(lf_version_number() == 100 && !strcmp(lf_version(), "0.1.0"), "version");
-    CHECK(lf_create(NULL, &session) == LF_ERR_ARGUMENT && strstr(lf_last_error(), "NULL"), "null config");
-    CHECK(lf_create(&config, NULL) == LF_ERR_ARGUMENT, "null out");
-    CHECK(lf_push_speech(NULL, speech, 10, 16000) == LF_ERR_ARGUMENT, "null session");
-    CHECK(lf_push_frame(NULL, pixels, 64, 64, 192) == LF_ERR_ARGUMENT, "null session");
-    CHECK(lf_pop_frame(NULL, &frame, 0) == LF_ERR_ARGUMENT, "null session");
-    CHECK(lf_close(NULL) == LF_ERR_ARGUMENT, "null session");
-    lf_destroy(NULL);
+    CHECK(lf_version_number() == 200 && !strcmp(lf_version(), "0.2.0") && lf_abi_version() == LF_ABI_VERSION, "version");
+    CHECK(!strcmp(lf_status_name(LF_ERR_MISUSE), "LF_ERR_MISUSE") && !strcmp(lf_status_name(99), "LF_UNKNOWN_STATUS"),
+          "status names");
 
+    /* lf_config_init: the ABI the caller was compiled with */
+    lf_config old;
+    expect("config_init NULL", lf_config_init_abi(NULL, sizeof old, LF_ABI_VERSION), LF_ERR_ARGUMENT, "NULL");
+    expect("config_init ABI 0", lf_config_init_abi(&old, sizeof old, 0), LF_ERR_ABI, "ABI 0");
+    expect("config_init size 4", lf_config_init_abi(&old, 4, LF_ABI_VERSION), LF_ERR_ABI, "lf_config_init");
+
+    /* lf_create: each bad field, refused in C before Python starts */
+    struct { const char *what; lf_config config; int want; const char *message; } creates[16];
+    int n = 0;
+#define BAD(field, value, status, text)                                                     \
+    do {                                                                                     \
+        creates[n].what = "create " #field "=" #value;                                       \
+        creates[n].config = tiny();                                                          \
+        creates[n].config.field = value;                                                     \
+        creates[n].want = status;                                                            \
+        creates[n].message = text;                                                           \
+        n++;                                                                                 \
+    } while (0)
+    BAD(model, "nope", LF_ERR_CONFIG, "unknown model 'nope'; choose one of tiny, 1.3b, 14b");
+    BAD(device, "gpu7", LF_ERR_CONFIG, "unknown device 'gpu7'");
+    BAD(device, "cuda:x", LF_ERR_CONFIG, "unknown device");
+    BAD(dtype, "int4", LF_ERR_CONFIG, "unknown dtype 'int4'");
+    BAD(encoder, "vqgan", LF_ERR_CONFIG, "unknown encoder 'vqgan'");
+    BAD(decoder, "vqgan", LF_ERR_CONFIG, "unknown decoder");
+    BAD(backend, "cudnn", LF_ERR_CONFIG, "unknown backend");
+    BAD(ckpt, "\xff\xfe.pth", LF_ERR_ARGUMENT, "config.ckpt is not valid UTF-8");
+    BAD(model, "ti\xc0\xafny", LF_ERR_ARGUMENT, "config.model is not valid UTF-8"); /* an overlong '/' */
+    BAD(lookahead, NAN, LF_ERR_ARGUMENT, "lookahead");
+    BAD(lookahead, INFINITY, LF_ERR_ARGUMENT, "lookahead");
+    BAD(lookahead, -0.5, LF_ERR_ARGUMENT, "lookahead");
+    BAD(max_sessions, -1, LF_ERR_ARGUMENT, "max_sessions");
+    BAD(abi_version, LF_ABI_VERSION + 1, LF_ERR_ABI, "rebuild it against this lipforcing.h");
+    BAD(size, 0, LF_ERR_ABI, "call lf_config_init");
+#undef BAD
+    for (int i = 0; i < n; i++) {
+        session = (lf_session *)&config; /* must be reset to NULL on failure */
+        expect(creates[i].what, lf_create(&creates[i].config, &session), creates[i].want, creates[i].message);
+        CHECK(session == NULL, "%s: out not cleared", creates[i].what);
+    }
+    expect("create NULL config", lf_create(NULL, &session), LF_ERR_ARGUMENT, "NULL");
+    expect("create NULL out", lf_create(&config, NULL), LF_ERR_ARGUMENT, "NULL");
+    /* a config from a newer minor version, with a field this library lacks set: refused, not ignored */
+    struct { lf_config config; int extra; } newer;
+    lf_config_init_abi(&newer.config, sizeof newer, LF_ABI_VERSION);
+    newer.config.model = "tiny";
+    newer.extra = 1;
+    expect("create newer config", lf_create(&newer.config, &session), LF_ERR_ABI, "does not have");
     lf_config unknown = tiny();
-    unknown.model = "huge";
-    int status = lf_create(&unknown, &session);
-    CHECK(status == LF_ERR_CONFIG && session == NULL && strstr(lf_last_error(), "huge"), "unknown preset: %s",
-          lf_status_name(status));
+    unknown.model = "1.3b";
+    unknown.ckpt = "/nonexistent/student.pth";
+    expect("create missing weights", lf_create(&unknown, &session), LF_ERR_CONFIG, "student.pth");
+
+    /* the entry points without a session */
+    expect("push_speech NULL session", lf_push_speech(NULL, speech, 10, 16000), LF_ERR_ARGUMENT, "NULL");
+    expect("end_speech NULL session", lf_end_speech(NULL), LF_ERR_ARGUMENT, "NULL");
+    expect("push_frame NULL session", lf_push_frame(NULL, pixels, 64, 64, 192), LF_ERR_ARGUMENT, "NULL");
+    expect("pop NULL session", lf_pop_frame(NULL, &frame, 0), LF_ERR_ARGUMENT, "NULL");
+    expect("pop_into NULL session", lf_pop_frame_into(NULL, pixels, sizeof pixels, 192, &frame, 0), LF_ERR_ARGUMENT,
+           "NULL");
+    expect("cancel NULL session", lf_cancel(NULL), LF_ERR_ARGUMENT, "NULL");
+    expect("close NULL session", lf_close(NULL), LF_ERR_ARGUMENT, "NULL");
+    lf_destroy(NULL);
+    lf_session *foreign = (lf_session *)pixels; /* never made by lf_create: refused before it is read */
+    expect("push_speech foreign handle", lf_push_speech(foreign, speech, 10, 16000), LF_ERR_MISUSE, "not live");
 
     CHECK(lf_create(&config, &session) == LF_OK && session, "create");
     if (!session) return 1;
-    CHECK(lf_push_speech(session, NULL, 10, 16000) == LF_ERR_ARGUMENT, "null samples");
-    CHECK(lf_push_speech(session, speech, 16000, 0) == LF_ERR_ARGUMENT, "zero rate");
-    CHECK(lf_push_frame(session, pixels, 64, 64, 192) == LF_ERR_STATE && strstr(lf_last_error(), "speech"),
-          "a frame before the speech");
-    CHECK(lf_push_speech(session, speech, 16000, 16000) == LF_OK, "speech");
-    CHECK(lf_end_speech(session) == LF_OK, "end speech");
-    CHECK(lf_push_speech(session, speech, 10, 16000) == LF_ERR_STATE, "speech after end_speech");
-    CHECK(lf_push_frame(session, NULL, 64, 64, 192) == LF_ERR_ARGUMENT, "null pixels");
-    CHECK(lf_push_frame(session, pixels, 0, 64, 192) == LF_ERR_ARGUMENT, "zero width");
-    CHECK(lf_push_frame(session, pixels, 64, -3, 192) == LF_ERR_ARGUMENT, "negative height");
-    CHECK(lf_push_frame(session, pixels, 64, 64, 100) == LF_ERR_ARGUMENT && strstr(lf_last_error(), "stride"),
-          "stride below 3 x width");
-    CHECK(lf_push_frame(session, pixels, 100000, 1, 300000) == LF_ERR_ARGUMENT, "absurd width");
-    CHECK(lf_pop_frame(session, NULL, 0) == LF_ERR_ARGUMENT, "null out frame");
-    CHECK(lf_pop_frame(session, &frame, 0) == LF_TIMEOUT, "nothing to pop yet");
-    CHECK(lf_close(session) == LF_OK, "close");
-    CHECK(lf_push_frame(session, pixels, 64, 64, 192) == LF_ERR_STATE && strstr(lf_last_error(), "closed"),
-          "push after close");
-    CHECK(lf_pop_frame(session, &frame, 100) == LF_END, "end after close");
+    expect("push_speech NULL samples", lf_push_speech(session, NULL, 10, 16000), LF_ERR_ARGUMENT, "samples is NULL");
+    expect("push_speech NULL, 0", lf_push_speech(session, NULL, 0, 16000), LF_ERR_ARGUMENT, "samples is NULL");
+    expect("push_speech rate 0", lf_push_speech(session, speech, 16000, 0), LF_ERR_ARGUMENT, "sample rate");
+    speech[1234] = NAN;
+    expect("push_speech NaN", lf_push_speech(session, speech, 16000, 16000), LF_ERR_ARGUMENT, "sample 1234 is NaN");
+    speech[1234] = -INFINITY;
+    expect("push_speech -inf", lf_push_speech(session, speech, 16000, 16000), LF_ERR_ARGUMENT, "infinite");
+    speech[1234] = 0.25f;
+    expect("push_frame before the speech", lf_push_frame(session, pixels, 64, 64, 192), LF_ERR_STATE, "speech");
+    expect("push_speech", lf_push_speech(session, speech, 16000, 16000), LF_OK, NULL);
+    expect("push_speech, 0 samples", lf_push_speech(session, speech, 0, 16000), LF_OK, NULL);
+    expect("end_speech", lf_end_speech(session), LF_OK, NULL);
+    expect("push_speech after end_speech", lf_push_speech(session, speech, 10, 16000), LF_ERR_STATE, "complete");
+    expect("push_frame NULL pixels", lf_push_frame(session, NULL, 64, 64, 192), LF_ERR_ARGUMENT, "rgb is NULL");
+    expect("push_frame zero width", lf_push_frame(session, pixels, 0, 64, 192), LF_ERR_ARGUMENT, "0x64");
+    expect("push_frame negative height", lf_push_frame(session, pixels, 64, -3, 192), LF_ERR_ARGUMENT, "64x-3");
+    expect("push_frame stride", lf_push_frame(session, pixels, 64, 64, 100), LF_ERR_ARGUMENT, "stride 100");
+    expect("push_frame absurd width", lf_push_frame(session, pixels, 100000, 1, 300000), LF_ERR_ARGUMENT, "1..16384");
+    expect("pop NULL out", lf_pop_frame(session, NULL, 0), LF_ERR_ARGUMENT, "out is NULL");
+    expect("pop_into NULL buffer", lf_pop_frame_into(session, NULL, 10, 192, &frame, 0), LF_ERR_ARGUMENT,
+           "buffer is NULL");
+    expect("pop_into stride 0", lf_pop_frame_into(session, pixels, sizeof pixels, 0, &frame, 0), LF_ERR_ARGUMENT,
+           "stride 0");
+    expect("pop, nothing yet", lf_pop_frame(session, &frame, 0), LF_TIMEOUT, NULL);
+    expect("cancel", lf_cancel(session), LF_OK, NULL);
+    expect("pop after cancel", lf_pop_frame(session, &frame, -1), LF_CANCELLED, NULL);
+    expect("pop, the cancel spent", lf_pop_frame(session, &frame, 0), LF_TIMEOUT, NULL);
+    expect("close", lf_close(session), LF_OK, NULL);
+    expect("close twice", lf_close(session), LF_OK, NULL);
+    expect("push_frame after close", lf_push_frame(session, pixels, 64, 64, 192), LF_ERR_STATE, "closed");
+    expect("end_speech after close", lf_end_speech(session), LF_ERR_STATE, "closed");
+    expect("pop after close", lf_pop_frame(session, &frame, 100), LF_END, NULL);
     lf_destroy(session);
+
+    /* a destroyed handle: LF_ERR_MISUSE from every entry point, and a second destroy is only reported */
+    expect("push_speech destroyed", lf_push_speech(session, speech, 10, 16000), LF_ERR_MISUSE, "not live");
+    expect("end_speech destroyed", lf_end_speech(session), LF_ERR_MISUSE, "lf_end_speech: the session is not live");
+    expect("push_frame destroyed", lf_push_frame(session, pixels, 64, 64, 192), LF_ERR_MISUSE, "not live");
+    expect("pop destroyed", lf_pop_frame(session, &frame, 0), LF_ERR_MISUSE, "not live");
+    expect("pop_into destroyed", lf_pop_frame_into(session, pixels, sizeof pixels, 192, &frame, 0), LF_ERR_MISUSE,
+           "not live");
+    expect("cancel destroyed", lf_cancel(session), LF_ERR_MISUSE, "not live");
+    expect("close destroyed", lf_close(session), LF_ERR_MISUSE, "not live");
+    lf_destroy(session);
+    CHECK(strstr(lf_last_error(), "lf_destroy: the session is not live"), "double destroy: '%s'", lf_last_error());
 
     /* max_sessions (default 1): a second live session at once is refused until the first is destroyed */
     config.live = 1;
     lf_session *first = NULL, *second = NULL;
     CHECK(lf_create(&config, &first) == LF_OK, "first session");
-    status = lf_create(&config, &second);
-    CHECK(status == LF_ERR_CONFIG && !second && strstr(lf_last_error(), "already runs"), "second session: %s",
-          lf_status_name(status));
+    expect("second session", lf_create(&config, &second), LF_ERR_CONFIG, "already runs");
     lf_destroy(first);
     CHECK(lf_create(&config, &second) == LF_OK, "a session after the first was destroyed");
     lf_destroy(second);
+    printf("status table: %d failures\n", failures);
     return failures ? 1 : 0;
 }
 
