@@ -4,8 +4,8 @@
 
 One round = one steady-state chunk (two denoising calls and the commit call) followed by a device
 synchronisation; warm-up rounds (graph capture, kernel tuning, chunks 0 and 1) are excluded. On CUDA the
-1.3B model at 512x512 with random weights; on a CPU the tiny model at 64x64 and a few rounds (CPU figures, in the default run).
-The two timed schedulers compute the same chunks (checked here on the benchmark's inputs).
+1.3B model at 512x512 with random weights; on a CPU the tiny model at 64x64 and a few rounds (CPU figures, in
+the default run). The two timed schedulers compute the same chunks (checked here on the benchmark's inputs).
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ def test_full_sequence_path_has_gradients():
     equals the gradient's norm (float32 throughout: a step of 1e-2 keeps rounding and curvature near 3e-3)."""
     model = CausalWanStudent(MICRO)
     g = torch.Generator().manual_seed(1)
-    text, audio = torch.randn(1, MICRO.text_len, 4096, generator=g), torch.randn(1, 1 + 4 * 5, MICRO.audio_dim, generator=g)
+    text = torch.randn(1, MICRO.text_len, 4096, generator=g)
+    audio = torch.randn(1, 1 + 4 * 5, MICRO.audio_dim, generator=g)
     x, t = torch.randn(1, 65, 6, 4, 6, generator=g), torch.rand(1, 6, generator=g)
 
     def loss() -> torch.Tensor:
