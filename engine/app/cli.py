@@ -142,6 +142,8 @@ def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="matrix rate used for the compute floor")
     p.add_argument("--memory", action="store_true", help="the device-memory plan, item by item")
     p.add_argument("--sessions", type=int, default=None, help="the memory plan of this many sessions on one engine")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="one stream on this many GPUs: the schemes' arithmetic and, with --memory, memory per GPU")
     p.add_argument("--avatar", action="store_true", help="the memory plan of sessions on prepared avatars")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.set_defaults(run=_info)
@@ -155,6 +157,8 @@ def _info(args: argparse.Namespace) -> int:
     dtype, fp8 = parse_precision(args.dtype)
     if args.sessions is not None and args.sessions < 1:
         raise ConfigError(f"--sessions must be at least 1, got {args.sessions}")
+    if args.gpus is not None:
+        return _info_gpus(args, cfg, stream, dtype, fp8)
     if args.memory or args.sessions or args.avatar:
         from ..tools.memory import format_plan, memory_plan
 
@@ -167,6 +171,35 @@ def _info(args: argparse.Namespace) -> int:
     info = model_info(cfg, stream, dtype_bytes=dtype.itemsize, peak_tflops=args.peak_tflops or DEFAULT_PEAK_TFLOPS,
                       encoder=args.encoder, decoder=args.decoder)
     print(json.dumps(info_dict(info)) if args.json else format_info(args.model, stream, info))
+    return 0
+
+
+def _info_gpus(args: argparse.Namespace, cfg, stream, dtype, fp8: bool) -> int:
+    """``info --gpus N``: the chosen scheme's figures per GPU, the schemes compared, the memory per GPU."""
+    from ..tools.parallel_plan import format_rank_plan, format_table, rank_plan, scheme_table, split_memory
+
+    if args.gpus < 2:
+        raise ConfigError(f"--gpus must be at least 2 (one stream on several GPUs), got {args.gpus}")
+    plan = rank_plan(cfg, stream, args.gpus, name=args.model)
+    table = scheme_table(cfg, stream, name=args.model, ranks=(args.gpus,))
+    memory = None
+    if args.memory:
+        from ..tools.memory import memory_plan
+
+        memory = split_memory(memory_plan(cfg, stream, dtype=dtype, fp8=fp8, encoder=args.encoder,
+                                          decoder=args.decoder), args.gpus)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({**plan, "schemes": [asdict(r) for r in table], "memory": memory}))
+        return 0
+    print(format_rank_plan(plan))
+    if memory is not None:
+        gib = 1 << 30
+        print(f"  memory per GPU            rank 0 {memory['rank0_bytes'] / gib:.2f} GiB (codecs, frames and clip "
+              f"start too), ranks 1-{args.gpus - 1} {memory['other_rank_bytes'] / gib:.2f} GiB "
+              f"(one GPU: {memory['one_gpu_bytes'] / gib:.2f} GiB)")
+    print(format_table(table))
     return 0
 
 

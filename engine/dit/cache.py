@@ -140,12 +140,14 @@ class SinkWindowCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         kv_fp8: bool = False,
+        heads: int | None = None,
     ) -> None:
         self.model, self.stream = model, stream
         self.dtype = dtype  # of the K/V the model makes and reads (the stored values are e4m3 with kv_fp8)
         self.tokens_per_frame = tokens_per_frame(model, stream)
         self.capacity = cache_capacity(stream)
-        shape = (model.num_layers, batch, self.capacity, self.tokens_per_frame, model.num_heads, model.head_dim)
+        heads = model.num_heads if heads is None else heads  # fewer: this rank's heads (parallel.py)
+        shape = (model.num_layers, batch, self.capacity, self.tokens_per_frame, heads, model.head_dim)
         stored = E4M3 if kv_fp8 else dtype
         self.k = torch.zeros(shape, device=device, dtype=stored)  # [layers, B, capacity, tokens, H, D]
         self.v = torch.zeros(shape, device=device, dtype=stored)

@@ -393,6 +393,9 @@ class CausalWanStudent(nn.Module):
         rows, cols = h // ph, w // pw
         x = self.patch_embedding(x_in.to(self.dtype)).float()  # [B, dim, F, rows, cols]
         x = x.flatten(3).permute(0, 2, 3, 1).contiguous()  # [B, F, T, dim], tokens (frame, row, col)
+        parallel = getattr(ctx, "sequence_parallel", None)  # several ranks: this one's T / N tokens (parallel.py)
+        if parallel is not None:
+            x = parallel.scatter(x)
         for i, block in enumerate(self.blocks):
             j = self._audio_slot.get(i)
             if j is not None:
@@ -402,6 +405,8 @@ class CausalWanStudent(nn.Module):
             else:
                 x = block(x, e0, i, text_kv[i], ctx)
         out = self.head(x, e)  # [B, F, T, patch_dim]
+        if parallel is not None:
+            out = parallel.gather(out)
         if tokens:
             return out.flatten(1, 2)
         return unpatchify(out, (rows, cols), self.cfg.out_dim, (ph, pw))

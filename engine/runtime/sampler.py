@@ -23,8 +23,9 @@ import torch
 
 from ..dit.attention import RopeTable, StreamingAttention, resolve_backend
 from ..dit.cache import SinkWindowCache, window_shape_plans
-from ..dit.config import StreamConfig
+from ..dit.config import StreamConfig, tokens_per_frame
 from ..dit.model import CausalWanStudent, ClipConditioning, input_channels
+from ..dit.parallel import SequenceParallel, SequenceParallelAttention
 
 log = logging.getLogger("lipforcing")
 
@@ -72,14 +73,21 @@ class StreamingSampler:
         backend: str | None = None,
         seed: int | None = 0,
         keep_intermediates: bool = False,
+        parallel: SequenceParallel | None = None,
     ) -> None:
         self.model, self.stream = model, stream
         cfg = model.cfg
         self.device = model.patch_embedding.weight.device
         self.backend = resolve_backend(backend, self.device, model=model.cfg, stream=stream, dtype=model.dtype)
         log.info("lipforcing: attention backend %s on %s (%s)", self.backend, self.device, model.dtype)
+        # parallel: this process is one rank of the stream; its cache holds num_heads / N heads (dit/parallel.py)
+        self.parallel = parallel
+        heads = cfg.num_heads
+        if parallel is not None:
+            parallel.check(cfg.num_heads, tokens_per_frame(cfg, stream))
+            heads //= parallel.size
         self.cache = SinkWindowCache(cfg, stream, batch=batch, device=self.device, dtype=model.dtype,
-                                     kv_fp8=model.fp8)
+                                     kv_fp8=model.fp8, heads=heads)
         self.rope = RopeTable(cfg, stream, self.device)
         self.seed = seed
         self.generator = torch.Generator(device=self.device) if seed is not None else None
@@ -159,6 +167,8 @@ class StreamingSampler:
 
     def _call(self, x_in: torch.Tensor, t: float, start: int, plan, write: bool, codes=None) -> torch.Tensor:
         ctx = StreamingAttention(self.cache, plan, self.rope, write=write, backend=self.backend)
+        if self.parallel is not None:
+            ctx = SequenceParallelAttention(ctx, self.parallel, self.cache.tokens_per_frame)
         return self.model(x_in, torch.tensor(t, dtype=torch.float64), self.clip, ctx, start_frame=start, codes=codes)
 
     @torch.no_grad()
