@@ -34,7 +34,7 @@ native: setup
 	cmake --build $(BUILD)
 
 test: setup native
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 	ctest --test-dir $(BUILD) --output-on-failure -j2
 
 test-all: setup native
