@@ -6,7 +6,7 @@
 Each video is decoded once (25 fps, RGB); predicted and reference must have the same frame count and size.
 Metrics (see the README for what each measures and how it maps to the paper's table):
 
-    ssim, psnr               whole frame; ``psnr`` is "inf" for identical videos
+    ssim, psnr               whole frame; ``psnr`` is "inf" for identical videos (pooled or per-frame, see below)
     ssim_mouth, psnr_mouth   the mouth region: a box of one size per video around the reference's lips
     lmd                      mean distance of the mouth landmarks, pixels
     sync_c, sync_d, av_offset  SyncNet v2 of the predicted video against the speech (and the reference's)
@@ -16,6 +16,13 @@ Metrics (see the README for what each measures and how it maps to the paper's ta
 
 A metric whose weights are missing from ``--weights`` is listed under ``unavailable`` with the file it needs
 and where it comes from; the others still run.
+
+Three conventions move the numbers and differ between published evaluations; each is a field of ``EvalConfig``
+(a flag of ``lipforcing eval``) and the report records them under ``conventions``:
+
+    psnr        "pooled" (default): the MSE over all frames, then PSNR; "per-frame": the mean of each frame's PSNR
+    fid_resize  "network" (default): the FID Inception resizes the frames itself; "clean": clean-fid's resize
+    fvd_clips   "every" (default): every consecutive 16-frame clip; "first": one clip per video (StyleGAN-V)
 """
 
 from __future__ import annotations
@@ -44,6 +51,24 @@ SOURCES = {"sync": (syncnet.WEIGHTS_URL, "SyncNet v2 (syncnet_python's download_
            "csim": (features.ARCFACE.url, features.ARCFACE.what)}
 
 
+PSNR_DEFINITIONS = {
+    "pooled": "10 log10(255^2 / MSE), the MSE over all pixels of all frames (aggregate: of all videos); 'inf' when "
+              "identical",
+    "per-frame": "the mean over frames of each frame's 10 log10(255^2 / MSE) (aggregate: over all frames of all "
+                 "videos); 'inf' when any frame is identical",
+}
+FID_DEFINITIONS = {
+    "network": "frames handed over at their size, resized to 299 by the network (bilinear; clean-fid's "
+               "legacy_tensorflow mode, StyleGAN2-ADA)",
+    "clean": "frames resized to 299x299 outside the network, per channel in float, PIL bicubic, clipped to 0..255 "
+             "(clean-fid's clean mode)",
+}
+FVD_DEFINITIONS = {
+    "every": "every consecutive non-overlapping 16-frame clip of each video",
+    "first": "one 16-frame clip per video, its first frames (StyleGAN-V's protocol)",
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     weights: str | None = None
@@ -54,6 +79,22 @@ class EvalConfig:
     random_features: bool = False
     """Random-weight feature networks in place of missing weights (tests: the numbers mean nothing)."""
     progress: bool = True
+    psnr: str = "pooled"
+    """PSNR over frames: "pooled" (of the MSE over all frames) or "per-frame" (the mean of the frames' PSNRs)."""
+    fid_resize: str = "network"
+    """FID input: "network" (frames at their size, resized by the Inception) or "clean" (clean-fid's resize)."""
+    fvd_clips: str = "every"
+    """FVD clips: "every" consecutive 16-frame clip of each video, or the "first" only (StyleGAN-V)."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("psnr", image.PSNR_MODES), ("fid_resize", features.FID_RESIZE),
+                              ("fvd_clips", features.FVD_CLIPS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} {getattr(self, name)!r}: one of {', '.join(allowed)}")
+
+    @property
+    def conventions(self) -> dict[str, str]:
+        return {"psnr": self.psnr, "fid_resize": self.fid_resize, "fvd_clips": self.fvd_clips}
 
 
 @dataclass
@@ -163,10 +204,11 @@ def _video_metrics(name: str, pred_path: Path, ref_path: Path, config: EvalConfi
                          f"has {ref.shape[2]}x{ref.shape[1]}")
     out: dict = {"name": name, "pred": str(pred_path), "ref": str(ref_path), "frames": len(pred)}
     ssim = image.ssim_per_frame(pred, ref, device=config.device)
-    mse = image.mse(pred, ref)
-    out.update(ssim=round(float(ssim.mean()), 5), psnr=_finite(image.psnr_from_mse(mse)))
+    frame_mse = image.mse_per_frame(pred, ref)
+    out.update(ssim=round(float(ssim.mean()), 5), psnr=_psnr(frame_mse, config))
     pooled["ssim"].append(ssim)
-    pooled["mse"].append((mse, pred.size))
+    pooled["mse"].append((float(frame_mse.mean()), pred.size))
+    pooled["psnr_frames"].append(image.psnr_per_frame(frame_mse))
 
     ref_track = track_faces(ref, aligner)
     if not ref_track.found.any():
@@ -175,10 +217,11 @@ def _video_metrics(name: str, pred_path: Path, ref_path: Path, config: EvalConfi
     boxes = ref_track.mouth_boxes()
     pm, rm = image.crop_boxes(pred, boxes), image.crop_boxes(ref, boxes)
     ssim_mouth = image.ssim_per_frame(pm, rm, device=config.device)
-    mse_mouth = image.mse(pm, rm)
-    out.update(ssim_mouth=round(float(ssim_mouth.mean()), 5), psnr_mouth=_finite(image.psnr_from_mse(mse_mouth)))
+    mouth_mse = image.mse_per_frame(pm, rm)
+    out.update(ssim_mouth=round(float(ssim_mouth.mean()), 5), psnr_mouth=_psnr(mouth_mse, config))
     pooled["ssim_mouth"].append(ssim_mouth)
-    pooled["mse_mouth"].append((mse_mouth, pm.size))
+    pooled["mse_mouth"].append((float(mouth_mse.mean()), pm.size))
+    pooled["psnr_mouth_frames"].append(image.psnr_per_frame(mouth_mse))
     out["per_frame"] = {"ssim": [round(float(v), 5) for v in ssim],
                         "ssim_mouth": [round(float(v), 5) for v in ssim_mouth]}
     if pred_track.found.any():
@@ -201,14 +244,15 @@ def _video_metrics(name: str, pred_path: Path, ref_path: Path, config: EvalConfi
                        sync_d_ref=round(baseline.sync_d, 4), av_offset_ref=baseline.offset, speech=source)
             pooled["sync"].append((result.sync_c, result.sync_d))
     if nets.inception is not None:
-        fp = features.image_features(nets.inception, pred, device=config.device)
-        fr = features.image_features(nets.inception, ref, device=config.device)
+        fp = features.image_features(nets.inception, pred, device=config.device, resize=config.fid_resize)
+        fr = features.image_features(nets.inception, ref, device=config.device, resize=config.fid_resize)
         out["fid"] = round(features.frechet_distance(fp, fr), 4) if len(pred) >= 2 else None
         pooled["fid_pred"].append(fp)
         pooled["fid_ref"].append(fr)
     if nets.i3d is not None:
-        pooled["fvd_pred"].append(features.video_features(nets.i3d, pred, device=config.device))
-        pooled["fvd_ref"].append(features.video_features(nets.i3d, ref, device=config.device))
+        pooled["fvd_pred"].append(features.video_features(nets.i3d, pred, device=config.device,
+                                                          clips=config.fvd_clips))
+        pooled["fvd_ref"].append(features.video_features(nets.i3d, ref, device=config.device, clips=config.fvd_clips))
     if nets.arcface is not None:
         ep = nets.arcface(arcface_crops(pred, _faces_of(pred_track, ref_track)))
         er = nets.arcface(arcface_crops(ref, ref_track))
@@ -218,21 +262,30 @@ def _video_metrics(name: str, pred_path: Path, ref_path: Path, config: EvalConfi
     return out
 
 
+def _psnr(frame_mse: np.ndarray, config: EvalConfig) -> float | str:
+    """A video's PSNR in the configured convention, from its frames' MSEs [N]."""
+    if config.psnr == "per-frame":
+        return _finite(float(image.psnr_per_frame(frame_mse).mean()))
+    return _finite(image.psnr_from_mse(float(frame_mse.mean())))
+
+
 def _faces_of(pred: FaceTrack, ref: FaceTrack) -> FaceTrack:
     """The predicted video's landmarks, or the reference's where the prediction has no face (the same
     framing: only the mouth differs)."""
     return FaceTrack([p if p is not None else r for p, r in zip(pred.points, ref.points)])
 
 
-def _aggregate(pooled: dict, nets: _Networks) -> dict:
-    def psnr_of(pairs):
-        total = sum(m * n for m, n in pairs) / sum(n for _, n in pairs)
-        return _finite(image.psnr_from_mse(total))
+def _aggregate(pooled: dict, nets: _Networks, config: EvalConfig) -> dict:
+    def psnr_of(region: str):
+        if config.psnr == "per-frame":  # every frame of every video counts once
+            return _finite(float(np.concatenate(pooled[f"psnr{region}_frames"]).mean()))
+        pairs = pooled[f"mse{region}"]  # (MSE, pixels) per video: every pixel counts once
+        return _finite(image.psnr_from_mse(sum(m * n for m, n in pairs) / sum(n for _, n in pairs)))
 
     agg = {
-        "ssim": round(float(np.concatenate(pooled["ssim"]).mean()), 5), "psnr": psnr_of(pooled["mse"]),
+        "ssim": round(float(np.concatenate(pooled["ssim"]).mean()), 5), "psnr": psnr_of(""),
         "ssim_mouth": round(float(np.concatenate(pooled["ssim_mouth"]).mean()), 5),
-        "psnr_mouth": psnr_of(pooled["mse_mouth"]),
+        "psnr_mouth": psnr_of("_mouth"),
         "lmd": round(sum(v * n for v, n in pooled["lmd"]) / sum(n for _, n in pooled["lmd"]), 4)
         if pooled["lmd"] else None,
     }
@@ -251,7 +304,8 @@ def _aggregate(pooled: dict, nets: _Networks) -> dict:
             agg["fvd_clips"] = clips
         else:
             agg["fvd"] = None
-            agg["fvd_note"] = f"FVD needs at least two {features.FVD_CLIP}-frame clips in all; the videos give {clips}"
+            agg["fvd_note"] = (f"FVD needs at least two {features.FVD_CLIP}-frame clips in all; the videos give {clips}"
+                               + (" (one per video with fvd_clips 'first')" if config.fvd_clips == "first" else ""))
     if pooled["csim"]:
         agg["csim"] = round(float(np.concatenate(pooled["csim"]).mean()), 5)
     return agg
@@ -267,8 +321,8 @@ def evaluate(pred: str | Path, ref: str | Path, config: EvalConfig = EvalConfig(
     if config.audio and not Path(config.audio).is_file():
         raise MediaError(f"--audio {config.audio}: no such file")
     nets = _networks(config)
-    pooled: dict = {k: [] for k in ("ssim", "mse", "ssim_mouth", "mse_mouth", "lmd", "sync", "fid_pred", "fid_ref",
-                                    "fvd_pred", "fvd_ref", "csim")}
+    pooled: dict = {k: [] for k in ("ssim", "mse", "psnr_frames", "ssim_mouth", "mse_mouth", "psnr_mouth_frames",
+                                    "lmd", "sync", "fid_pred", "fid_ref", "fvd_pred", "fvd_ref", "csim")}
     videos = []
     with FaceAligner("mediapipe") as aligner, tqdm(pairs, unit="video", desc="eval",
                                                     disable=not config.progress) as bar:
@@ -278,14 +332,15 @@ def evaluate(pred: str | Path, ref: str | Path, config: EvalConfig = EvalConfig(
     return {
         "schema": SCHEMA,
         "videos": videos,
-        "aggregate": _aggregate(pooled, nets),
+        "aggregate": _aggregate(pooled, nets, config),
+        "conventions": config.conventions,
         "unavailable": nets.unavailable,
         "random_weights": nets.random,
         "note": "random-weight feature networks: their figures test the pipeline and mean nothing"
         if nets.random else None,
         "definitions": {
             "ssim": "mean SSIM (11x11 Gaussian, sigma 1.5) over frames; aggregate over all frames",
-            "psnr": "10 log10(255^2 / MSE) over all pixels; 'inf' when identical",
+            "psnr": PSNR_DEFINITIONS[config.psnr],
             "ssim_mouth / psnr_mouth": "the same on a box around the reference's lips (median mouth size + 30% "
                                        "each side)",
             "lmd": "mean Euclidean distance of 40 lip landmarks (MediaPipe face mesh), frame pixels",
@@ -293,8 +348,8 @@ def evaluate(pred: str | Path, ref: str | Path, config: EvalConfig = EvalConfig(
                                           "mean distances over offsets -15..15), min distance, offset in frames; "
                                           "*_ref: the reference video against the same speech; aggregate: mean "
                                           "over videos",
-            "fid": "Frechet distance of Inception pool features of all frames",
-            "fvd": "Frechet distance of I3D features of consecutive 16-frame clips (aggregate only)",
+            "fid": "Frechet distance of Inception pool features of all frames; " + FID_DEFINITIONS[config.fid_resize],
+            "fvd": "Frechet distance of I3D features of " + FVD_DEFINITIONS[config.fvd_clips] + " (aggregate only)",
             "csim": "mean cosine similarity of ArcFace embeddings of the two videos' faces, frame by frame",
         },
     }

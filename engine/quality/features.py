@@ -2,10 +2,16 @@
 
 - FID: Inception-v3 pool features (2048-d) of every frame. The network is the TorchScript export of the
   TensorFlow FID Inception that StyleGAN2-ADA and clean-fid publish (``inception-2015-12-05.pt``), called as
-  they call it: float RGB 0..255 [N, 3, H, W] (it resizes to 299 itself), ``return_features=True``.
+  they call it: float RGB 0..255 [N, 3, H, W], ``return_features=True``. Two resize conventions
+  (``FID_RESIZE``): "network" hands the frames over at their size and the network resizes them to 299 itself
+  (bilinear, without antialiasing: StyleGAN2-ADA, and clean-fid's "legacy_tensorflow" mode); "clean" resizes
+  each channel to 299 x 299 outside the network, in float, with PIL's antialiased bicubic filter, clipped to
+  0..255 (clean-fid's default "clean" mode).
 - FVD: I3D (Kinetics-400) logits-layer features (400-d) of 16-frame clips, from the TorchScript export used
   by StyleGAN-V and DIGAN (``i3d_torchscript.pt``): float RGB in [-1, 1], [N, 3, 16, 224, 224],
-  ``rescale=False, resize=False, return_features=True``. Clips are consecutive and non-overlapping.
+  ``rescale=False, resize=False, return_features=True``. Two clip conventions (``FVD_CLIPS``): "every"
+  consecutive non-overlapping clip of each video, or "first", one clip per video, its first 16 frames
+  (StyleGAN-V's ``fvd2048_16f`` takes one 16-frame clip per video: a generated video's first frames).
 - CSIM: the cosine similarity of ArcFace embeddings of the two videos' faces, frame by frame, from an
   ONNX model supplied by the user (insightface's ``w600k_r50.onnx``, say): RGB 112 x 112 aligned on five
   points, (x - 127.5) / 127.5, run with onnxruntime.
@@ -42,6 +48,9 @@ I3D = Weights("i3d_torchscript.pt", "https://www.dropbox.com/s/ge9e5ujwgetktms/i
 ARCFACE = Weights("arcface.onnx", "insightface buffalo_l: w600k_r50.onnx (https://github.com/deepinsight/insightface)",
                   "an ArcFace ONNX model, renamed or linked to arcface.onnx")
 FVD_CLIP = 16
+FID_RESIZE = ("network", "clean")
+FID_SIZE = 299
+FVD_CLIPS = ("every", "first")
 
 
 def load_torchscript(path: Path, device: str | torch.device) -> torch.jit.ScriptModule:
@@ -84,28 +93,50 @@ class RandomVideoFeatures(nn.Module):
         return torch.tanh(self.conv(x)).mean(dim=(2, 3, 4))
 
 
+def clean_resize(frames: np.ndarray, size: int = FID_SIZE) -> np.ndarray:
+    """clean-fid's "clean" resize: uint8 RGB [N, H, W, 3] -> float32 [N, size, size, 3], each channel resized in
+    float by PIL's bicubic filter (antialiased when shrinking), clipped to 0..255."""
+    from PIL import Image
+
+    out = np.empty((len(frames), size, size, 3), np.float32)
+    for i, frame in enumerate(frames):
+        for c in range(3):
+            channel = Image.fromarray(np.ascontiguousarray(frame[:, :, c], dtype=np.float32))  # mode "F"
+            out[i, :, :, c] = np.asarray(channel.resize((size, size), resample=Image.Resampling.BICUBIC))
+    return np.clip(out, 0, 255, out=out)
+
+
 @torch.no_grad()
-def image_features(net: nn.Module, frames: np.ndarray, *, batch: int = 32,
-                   device: str | torch.device = "cpu") -> np.ndarray:
-    """FID features of uint8 RGB frames [N, H, W, 3] -> float64 [N, D]."""
+def image_features(net: nn.Module, frames: np.ndarray, *, batch: int = 32, device: str | torch.device = "cpu",
+                   resize: str = "network") -> np.ndarray:
+    """FID features of uint8 RGB frames [N, H, W, 3] -> float64 [N, D]; ``resize`` is "network" or "clean"
+    (see the module docstring)."""
+    if resize not in FID_RESIZE:
+        raise ConfigError(f"unknown FID resize {resize!r}: one of {', '.join(FID_RESIZE)}")
     out = []
     for start in range(0, len(frames), batch):
-        x = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch])).to(device)
+        piece = frames[start : start + batch]
+        if resize == "clean":
+            piece = clean_resize(piece)
+        x = torch.from_numpy(np.ascontiguousarray(piece)).to(device)
         x = x.permute(0, 3, 1, 2).float()
         out.append(net(x, return_features=True).reshape(x.shape[0], -1).double().cpu())
     return torch.cat(out).numpy()
 
 
 @torch.no_grad()
-def video_features(net: nn.Module, frames: np.ndarray, *, batch: int = 4,
-                   device: str | torch.device = "cpu") -> np.ndarray:
-    """FVD features of the consecutive 16-frame clips of uint8 RGB frames [N, H, W, 3] -> float64 [N // 16, D]
-    (resized to 224 x 224 here; no clip when the video is shorter than 16 frames)."""
-    clips = len(frames) // FVD_CLIP
+def video_features(net: nn.Module, frames: np.ndarray, *, batch: int = 4, device: str | torch.device = "cpu",
+                   clips: str = "every") -> np.ndarray:
+    """FVD features of 16-frame clips of uint8 RGB frames [N, H, W, 3] -> float64 [clips, D]: ``clips`` "every"
+    consecutive clip (N // 16 of them) or the "first" only (resized to 224 x 224 here; no clip when the video
+    is shorter than 16 frames)."""
+    if clips not in FVD_CLIPS:
+        raise ConfigError(f"unknown FVD clip sampling {clips!r}: one of {', '.join(FVD_CLIPS)}")
+    count = len(frames) // FVD_CLIP if clips == "every" else min(1, len(frames) // FVD_CLIP)
     out = []
-    for start in range(0, clips, batch):
+    for start in range(0, count, batch):
         group = []
-        for c in range(start, min(clips, start + batch)):
+        for c in range(start, min(count, start + batch)):
             x = torch.from_numpy(np.ascontiguousarray(frames[c * FVD_CLIP : (c + 1) * FVD_CLIP])).to(device)
             x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(224, 224), mode="bilinear", align_corners=False)
             group.append(x.permute(1, 0, 2, 3) / 127.5 - 1)  # [3, 16, 224, 224]

@@ -2,7 +2,10 @@
 
 SSIM follows Wang et al. (2004): an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, L = 255, computed
 per channel on the valid region (no padding) and averaged over channels and pixels; one value per frame.
-PSNR of a set of frames is 10 log10(255^2 / MSE) over all their pixels: identical frames give ``inf``.
+PSNR has two conventions (``PSNR_MODES``): "pooled", 10 log10(255^2 / MSE) with the MSE over all pixels of all
+frames, and "per-frame", the mean over frames of each frame's PSNR (what per-frame loops over skimage's
+``peak_signal_noise_ratio`` report). The per-frame mean is never below the pooled value (Jensen: the log is
+concave), and a frame identical to its reference makes it ``inf``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 _K1, _K2, _L = 0.01, 0.03, 255.0
+PSNR_MODES = ("pooled", "per-frame")
 
 
 def _window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -53,15 +57,20 @@ def ssim_per_frame(pred: np.ndarray, ref: np.ndarray, *, device: str | torch.dev
     return torch.cat(out).numpy()
 
 
-def mse(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Mean squared error over every pixel and channel (uint8 scale)."""
+def mse_per_frame(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Mean squared error of each frame over its pixels and channels (uint8 scale): [N, H, W, 3] -> float64 [N]."""
     if pred.shape != ref.shape:
         raise ValueError(f"frame shapes differ: {pred.shape} vs {ref.shape}")
-    total = 0.0
+    out = []
     for start in range(0, pred.shape[0], 32):  # in pieces: a long video's float copy would not fit
         d = pred[start : start + 32].astype(np.float64) - ref[start : start + 32]
-        total += float(np.square(d).sum())
-    return total / pred.size
+        out.append(np.square(d).reshape(len(d), -1).mean(axis=1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def mse(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Mean squared error over every pixel and channel of every frame (uint8 scale)."""
+    return float(mse_per_frame(pred, ref).mean())  # frames of one size: the mean of the frames' MSEs
 
 
 def psnr_from_mse(value: float) -> float:
@@ -69,7 +78,13 @@ def psnr_from_mse(value: float) -> float:
 
 
 def psnr(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Pooled PSNR: of the MSE over all frames."""
     return psnr_from_mse(mse(pred, ref))
+
+
+def psnr_per_frame(frame_mse: np.ndarray) -> np.ndarray:
+    """Each frame's PSNR from its MSE [N] -> float64 [N] (``inf`` where a frame equals its reference)."""
+    return np.array([psnr_from_mse(float(m)) for m in frame_mse], np.float64)
 
 
 def crop_boxes(frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:

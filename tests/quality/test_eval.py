@@ -15,8 +15,11 @@ pytest.importorskip("scipy")
 pytest.importorskip("av")
 
 from lipforcing.cli import main  # noqa: E402
-from lipforcing.engine.quality import features, image, syncnet  # noqa: E402
+from lipforcing.engine.errors import ConfigError, MediaError  # noqa: E402
+from lipforcing.engine.media.io import VideoReader  # noqa: E402
+from lipforcing.engine.quality import evaluate, features, image, syncnet  # noqa: E402
 from lipforcing.engine.quality.compare import compare_outputs, quality_gate  # noqa: E402
+from lipforcing.engine.quality.evaluate import EvalConfig  # noqa: E402
 
 FRAMES = 40  # 1.6 s: 35 SyncNet windows, two 16-frame FVD clips
 
@@ -35,7 +38,7 @@ def clip(shared_dir, tmp_path_factory):
     """(frames, speech, folder): the first 40 frames of a shared clip with its speech, written as ref/face1.mp4
     (the frames that come back from decoding are the ones the metrics see)."""
     pytest.importorskip("mediapipe")
-    from lipforcing.engine.media.io import VideoReader, load_audio, read_frames
+    from lipforcing.engine.media.io import load_audio, read_frames
 
     src = shared_dir / "assets/clips/face1.mp4"
     speech = load_audio(src)[: FRAMES * 640]
@@ -109,7 +112,8 @@ def test_the_tiny_models_output_against_its_source(clip, tmp_path):
 
 def test_a_blurred_mouth_shows_in_the_mouth_region(clip, mouth_boxes, tmp_path):
     """Blurring only the mouth lowers the mouth-region SSIM far more than the whole frame's; blurring the whole
-    frame lowers the whole frame's SSIM and PSNR."""
+    frame lowers the whole frame's SSIM and PSNR (scored with the other metric conventions: per-frame PSNR,
+    clean-fid's resize, one FVD clip per video)."""
     import cv2
 
     frames, speech, folder = clip
@@ -121,14 +125,26 @@ def test_a_blurred_mouth_shows_in_the_mouth_region(clip, mouth_boxes, tmp_path):
     pred.mkdir()
     _write(pred / "face1.mp4", mouth, speech)
     code, report = _eval(tmp_path, pred, folder / "ref")
-    assert code == 0
+    assert code == 0 and report["conventions"] == {"psnr": "pooled", "fid_resize": "network", "fvd_clips": "every"}
     m = report["videos"][0]
     assert m["ssim_mouth"] < m["ssim"] - 0.05, m  # the mouth region shows the damage; the whole frame hides it
-    assert m["lmd_frames"] == FRAMES and m["lmd"] >= 0  # a face in every frame of both: LMD over all of them
+    assert m["lmd_frames"] == FRAMES  # a face in every frame of both: LMD over all of them
+    assert 0.5 < m["lmd"] < 5, m["lmd"]  # the blurred lips are found, about 2 px from where they were
     _write(pred / "face1.mp4", whole, speech)
-    code, report = _eval(tmp_path, pred, folder / "ref")
+    code, report = _eval(tmp_path, pred, folder / "ref", "--psnr", "per-frame", "--fid-resize", "clean",
+                         "--fvd-clips", "first", "--random-features")
     w = report["videos"][0]
     assert code == 0 and w["ssim"] < min(0.97, m["ssim"]) and w["psnr"] != "inf" and w["psnr"] < 40
+    # the other conventions, recorded and applied: PSNR per frame of the decoded videos, one FVD clip per video
+    assert report["conventions"] == {"psnr": "per-frame", "fid_resize": "clean", "fvd_clips": "first"}
+    with VideoReader(pred / "face1.mp4") as reader:
+        decoded = np.stack(list(reader)).astype(np.float64)
+    frame_mse = np.square(decoded - frames).reshape(FRAMES, -1).mean(1)
+    assert w["psnr"] == report["aggregate"]["psnr"] == pytest.approx(np.mean(10 * np.log10(255**2 / frame_mse)),
+                                                                       abs=1e-4)
+    assert w["psnr"] > 10 * np.log10(255**2 / frame_mse.mean())  # above the pooled value
+    assert "clean mode" in report["definitions"]["fid"] and w["fid"] > 0
+    assert report["aggregate"]["fvd"] is None and "one per video" in report["aggregate"]["fvd_note"]
 
 
 def test_missing_weights_are_reported_unavailable(clip, tmp_path, capsys):
@@ -246,8 +262,10 @@ def test_syncnet_preprocessing_on_a_shared_clip(clip, mouth_boxes):
     video, audio = syncnet.embed(net, crops, ceps, samples=speech.size)
     assert video.shape == audio.shape == (FRAMES - 5, 1024)
     result = syncnet.score(net, frames, boxes, speech)
-    assert result.windows == FRAMES - 5 and -15 <= result.offset <= 15 and result.sync_c >= 0
-    with pytest.raises(Exception, match="too short for SyncNet"):
+    assert result.windows == FRAMES - 5 and -15 <= result.offset <= 15
+    assert result.sync_c > 0 and result.sync_d > 0  # the offsets' mean distances differ: not a flat table
+    assert result == syncnet.sync_scores(syncnet.distance_table(video, audio))  # the crops and MFCCs above
+    with pytest.raises(MediaError, match="too short for SyncNet"):
         syncnet.embed(net, crops[:5], ceps)
 
 
@@ -259,7 +277,7 @@ def test_syncnet_weights_load_with_the_released_key_names(tmp_path):
     x = torch.randn(2, 1, 13, 20)
     assert torch.equal(loaded.forward_aud(x), net.forward_aud(x))
     torch.save({"netcnnaud.0.weight": torch.zeros(64, 1, 3, 3)}, tmp_path / "partial.model")
-    with pytest.raises(Exception, match="not syncnet_v2 weights"):
+    with pytest.raises(ConfigError, match="not syncnet_v2 weights"):
         syncnet.load_syncnet(tmp_path / "partial.model")
 
 
@@ -296,3 +314,101 @@ def test_the_quality_gate():
     assert results["perturbed"]["drop_pct"] > 5
     failures = quality_gate(results, max_drop=1.0)
     assert len(failures) == 1 and failures[0].startswith("perturbed: quality drop")
+
+
+# --- conventions -------------------------------------------------------------------------------------------------
+
+
+def _pooled(**lists) -> dict:
+    """What ``evaluate`` gathers over the videos, with the given entries (the rest empty)."""
+    keys = ("ssim", "mse", "psnr_frames", "ssim_mouth", "mse_mouth", "psnr_mouth_frames", "lmd", "sync", "fid_pred",
+            "fid_ref", "fvd_pred", "fvd_ref", "csim")
+    return {k: lists.get(k, []) for k in keys}
+
+
+def test_psnr_pooled_or_per_frame():
+    """Two frames with MSE 100 and 1: pooled, 10 log10(255^2 / 50.5) = 31.10 dB; per frame, the mean of 28.13 and
+    48.13 dB. Over two videos the pooled value weighs pixels, the per-frame one frames."""
+    ref = np.full((2, 16, 16, 3), 100, np.uint8)
+    pred = ref + np.array([10, 1], np.uint8)[:, None, None, None]
+    frame_mse = image.mse_per_frame(pred, ref)
+    assert frame_mse.tolist() == [100.0, 1.0]
+    per_frame = image.psnr_per_frame(frame_mse)
+    assert per_frame.tolist() == pytest.approx([10 * math.log10(255**2 / 100), 10 * math.log10(255**2)])
+    assert evaluate._psnr(frame_mse, EvalConfig()) == round(10 * math.log10(255**2 / 50.5), 4) == 31.0979
+    assert evaluate._psnr(frame_mse, EvalConfig(psnr="per-frame")) == round(per_frame.mean(), 4) == 38.1308
+    assert evaluate._psnr(np.array([0.0, 4.0]), EvalConfig(psnr="per-frame")) == "inf"  # one identical frame
+    # aggregate: this video (2 frames of 16x16) and one frame of 160x160 with MSE 4
+    big = np.array([4.0])
+    pooled = _pooled(ssim=[np.ones(2), np.ones(1)], ssim_mouth=[np.ones(2), np.ones(1)],
+                     mse=[(50.5, 2 * 768), (4.0, 100 * 768)], mse_mouth=[(50.5, 2 * 768), (4.0, 100 * 768)],
+                     psnr_frames=[per_frame, image.psnr_per_frame(big)],
+                     psnr_mouth_frames=[per_frame, image.psnr_per_frame(big)])
+    agg = evaluate._aggregate(pooled, evaluate._Networks(), EvalConfig())
+    pixels_weighed = (50.5 * 2 + 4.0 * 100) / 102
+    assert agg["psnr"] == agg["psnr_mouth"] == round(10 * math.log10(255**2 / pixels_weighed), 4)
+    agg = evaluate._aggregate(pooled, evaluate._Networks(), EvalConfig(psnr="per-frame"))
+    assert agg["psnr"] == agg["psnr_mouth"] == round((per_frame.sum() + 10 * math.log10(255**2 / 4)) / 3, 4)
+    with pytest.raises(ConfigError, match="psnr 'mean': one of pooled, per-frame"):
+        EvalConfig(psnr="mean")
+
+
+class _SpyImageNet(torch.nn.Module):
+    """The FID network's call, recording what it is given; features: per-channel means and deviations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x, return_features=True):
+        self.seen.append(x.clone())
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)
+
+
+def test_fid_resize_in_the_network_or_clean():
+    """ "network" hands the frames over at their size (0..255 integers); "clean" hands over 299x299 floats made by an
+    antialiased bicubic resize, clipped to 0..255: a one-pixel checkerboard shrunk from 700 to 299 becomes a flat
+    grey, where a plain bilinear resize (what the network does inside) aliases it into a pattern."""
+    checker = np.indices((700, 700)).sum(0) % 2 * 255
+    frames = np.repeat(checker[None, :, :, None], 3, 3).astype(np.uint8)[[0, 0]]  # [2, 700, 700, 3]
+    net = _SpyImageNet()
+    features.image_features(net, frames)
+    assert net.seen[0].shape == (2, 3, 700, 700) and torch.equal(net.seen[0], net.seen[0].round())
+    features.image_features(net, frames, resize="clean")
+    clean = net.seen[1]
+    assert clean.shape == (2, 3, 299, 299) and clean.dtype == torch.float32
+    assert abs(float(clean.mean()) - 127.5) < 1 and float(clean.std()) < 5  # antialiased: grey
+    bilinear = torch.nn.functional.interpolate(net.seen[0], size=(299, 299), mode="bilinear", align_corners=False)
+    assert float(bilinear.std()) > 30  # aliased: the convention matters
+    edge = np.zeros((1, 40, 40, 3), np.uint8)
+    edge[:, :, 20:] = 255  # a step: bicubic overshoots on both sides, the clean resize clips it
+    resized = features.clean_resize(edge)
+    assert resized.min() == 0 and resized.max() == 255 and ((resized > 0) & (resized < 255)).any()
+    flat = np.full((1, 50, 70, 3), 77, np.uint8)
+    assert np.allclose(features.clean_resize(flat), 77, atol=1e-3)
+    with pytest.raises(ConfigError, match="fid_resize 'bicubic'"):
+        EvalConfig(fid_resize="bicubic")
+
+
+def test_fvd_every_clip_or_the_first():
+    """"every" takes each consecutive 16-frame clip, "first" one clip per video (its first 16 frames): with one
+    40-frame video that is two clips or one, and one clip is too few for a Frechet distance (said in the report)."""
+    rng = np.random.default_rng(0)
+    preds, refs = (rng.integers(0, 256, (2, 40, 32, 32, 3), dtype=np.uint8) for _ in range(2))
+    net = features.RandomVideoFeatures()
+    every = features.video_features(net, preds[0])
+    first = features.video_features(net, preds[0], clips="first")
+    assert every.shape[0] == 2 and first.shape[0] == 1 and np.array_equal(first[0], every[0])
+    assert features.video_features(net, preds[0][:15], clips="first").size == 0
+    nets = evaluate._Networks(i3d=net)
+    for clips, videos, expected in (("every", 1, 2), ("first", 1, None), ("first", 2, 2), ("every", 2, 4)):
+        pooled = _pooled(ssim=[np.ones(1)], ssim_mouth=[np.ones(1)], mse=[(1.0, 1)], mse_mouth=[(1.0, 1)],
+                         fvd_pred=[features.video_features(net, v, clips=clips) for v in preds[:videos]],
+                         fvd_ref=[features.video_features(net, v, clips=clips) for v in refs[:videos]])
+        agg = evaluate._aggregate(pooled, nets, EvalConfig(fvd_clips=clips))
+        if expected is None:
+            assert agg["fvd"] is None and "one per video" in agg["fvd_note"]
+        else:
+            assert agg["fvd_clips"] == expected and agg["fvd"] > 0, (clips, videos)
+    with pytest.raises(ConfigError, match="fvd_clips 'random'"):
+        EvalConfig(fvd_clips="random")
