@@ -560,6 +560,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--random-features", action="store_true",
                    help="random-weight networks in place of missing weights (to try the pipeline; meaningless numbers)")
+    p.add_argument("--psnr", default="pooled", choices=["pooled", "per-frame"],
+                   help="PSNR of the MSE over all frames (default), or the mean of the frames' PSNRs")
+    p.add_argument("--fid-resize", default="network", choices=["network", "clean"],
+                   help="frames resized to 299 by the FID Inception itself (default), or clean-fid's clean resize")
+    p.add_argument("--fvd-clips", default="every", choices=["every", "first"],
+                   help="every 16-frame clip of each video (default), or the first only (StyleGAN-V)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_eval)
 
@@ -573,7 +579,8 @@ def _eval(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     report = evaluate(args.pred, args.ref, EvalConfig(weights=args.weights, audio=args.audio, device=device,
                                                       random_features=args.random_features,
-                                                      progress=not args.quiet))
+                                                      progress=not args.quiet, psnr=args.psnr,
+                                                      fid_resize=args.fid_resize, fvd_clips=args.fvd_clips))
     write_json(args.output, report)
     if args.plot:
         write_plot(report, args.plot)
