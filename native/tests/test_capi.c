@@ -213,6 +213,11 @@ static int session_test(const char *dir) {
     CHECK(frames && speech && frames_size == (size_t)width * height * 3 * count, "clip files");
     if (!frames || !speech) return 1;
 
+    char path[4096]; /* the frames out, for install_consume to compare with the installed library's */
+    snprintf(path, sizeof path, "%s/capi_frames.rgb", dir);
+    FILE *out = fopen(path, "wb");
+    CHECK(out != NULL, "%s", path);
+    if (!out) return 1;
     lf_config config = tiny();
     lf_session *session = NULL;
     CHECK(lf_create(&config, &session) == LF_OK, "create");
@@ -232,6 +237,7 @@ static int session_test(const char *dir) {
         free(padded);
         while (lf_pop_frame(session, &frame, 0) == LF_OK) {
             CHECK(frame.width == width && frame.height == height && frame.index == popped, "frame %d", popped);
+            CHECK(fwrite(frame.data, 1, frame.stride * height, out) == frame.stride * height, "write %d", popped);
             lf_frame_release(&frame);
             popped++;
         }
@@ -241,11 +247,13 @@ static int session_test(const char *dir) {
     while ((status = lf_pop_frame(session, &frame, -1)) == LF_OK) {
         CHECK(frame.width == width && frame.height == height && frame.stride == (size_t)width * 3 &&
               frame.index == popped, "frame %d", popped);
+        CHECK(fwrite(frame.data, 1, frame.stride * height, out) == frame.stride * height, "write %d", popped);
         lf_frame_release(&frame);
         popped++;
     }
     CHECK(status == LF_END, "end: %s", lf_status_name(status));
     CHECK(popped == expected, "%d frames popped, %d expected", popped, expected);
+    CHECK(fclose(out) == 0, "%s", path);
     lf_destroy(session);
     free(frames);
     free(speech);
