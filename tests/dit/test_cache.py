@@ -44,9 +44,9 @@ def test_training_windows_keep_the_sink_and_the_budget(window, sink):
     for start in range(0, 60, 3):
         vis = visible_cached_frames(start, stream)
         assert vis[: min(sink, start)] == tuple(range(min(sink, start)))
-        assert len(vis) + 3 <= window
+        assert len(vis) + 3 == min(window, start + 3)  # the whole budget, once there are frames to fill it
         rolling = [f for f in vis if f >= sink] + [f for f in range(start, start + 3) if f >= sink]
-        assert len(rolling) <= window - sink
+        assert len(rolling) == min(window, start + 3) - min(sink, start + 3)  # all but the sink frames
         assert rolling == list(range(start + 3 - len(rolling), start + 3))  # the most recent ones
 
 
