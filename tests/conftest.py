@@ -83,6 +83,9 @@ def random_clip(cfg, latent_hw: tuple[int, int], latents: int, seed: int, text_s
     )
 
 
+# The checks torch.library.opcheck runs by default; a custom-op test asserts that each ran and passed.
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
 # Relative-error tolerances keyed by dtype. fp32 arithmetic on the tested sizes lands near 1e-6;
 # fp16 keeps 11 mantissa bits (~5e-4 per op); bf16 keeps 8 (~4e-3 per op). Bounds leave ~10x headroom.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}

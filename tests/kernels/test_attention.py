@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from conftest import TOLERANCE  # noqa: E402
+from conftest import OPCHECKS, TOLERANCE  # noqa: E402
 from lipforcing.engine.numerics import rel_error  # noqa: E402
 from lipforcing.kernels import ops  # noqa: E402
 from lipforcing.kernels.rope import apply_rope, rope_angles  # noqa: E402
@@ -164,7 +164,8 @@ def test_custom_op_passes_opcheck():
         inputs["q"], inputs["k_live"], inputs["v_live"], inputs["k_cache"], inputs["v_cache"],
         inputs["q_frame_pos"], inputs["cache_frame_pos"], 2, 3, *PAIRS[64], 10000.0, 0.125,
     )
-    torch.library.opcheck(torch.ops.lipforcing.sink_window_attention.default, args)
+    results = torch.library.opcheck(torch.ops.lipforcing.sink_window_attention.default, args)
+    assert results == dict.fromkeys(OPCHECKS, "SUCCESS")  # (it raises on a failed check) every check ran
 
 
 # --- GPU: bf16 at the real shapes ----------------------------------------------------------------------
