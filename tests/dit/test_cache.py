@@ -172,7 +172,7 @@ def test_block_causal_mask_follows_the_window():
 
 def test_commit_without_plan_and_missing_frames_are_errors():
     cache = SinkWindowCache(MICRO, STREAM)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"commit\(\) without begin_chunk\(\)"):
         cache.commit()
     with pytest.raises(RuntimeError, match="never committed"):
         cache.begin_chunk(6)

@@ -244,7 +244,8 @@ def test_writer_removes_temp_file_when_nothing_to_keep(tmp_path: Path) -> None:
     out = tmp_path / "none.mp4"
     with pytest.raises(KeyboardInterrupt), VideoWriter(out, 64, 48):
         raise KeyboardInterrupt
-    with pytest.raises(ValueError), VideoWriter(out, 64, 48, keep_partial=False) as writer:
+    with pytest.raises(ValueError, match=r"expected uint8 \(48, 64, 3\)"), \
+            VideoWriter(out, 64, 48, keep_partial=False) as writer:
         writer.write(level_frame(0, 48, 64))
         writer.write(np.zeros((10, 10, 3), np.uint8))  # wrong size
     writer = VideoWriter(out, 64, 48)

@@ -43,7 +43,7 @@ def test_chunk_ranges_tile_the_clip() -> None:
     length = ClipLength(raw_frames=125, latent_frames=30, frames=117)
     covered = [i for b in range(length.chunks) for i in length.chunk_frames(b)]
     assert covered == list(range(length.frames))
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=f"chunk {length.chunks} out of range"):
         length.chunk_frames(length.chunks)
 
 

@@ -213,7 +213,7 @@ def test_sync_scores_of_known_distance_tables():
     assert result.offset == 15 - 10 and result.windows == 4
     flat = syncnet.sync_scores(np.full((3, 31), 5.0))
     assert flat.sync_c == 0.0 and flat.offset == 15  # no preference: the first column
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"a distance table is \[windows, 2 vshift \+ 1\]"):
         syncnet.sync_scores(np.zeros((3, 30)))
 
 
