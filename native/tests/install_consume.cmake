@@ -10,7 +10,8 @@ if(NOT rc EQUAL 0)
   message(FATAL_ERROR "cmake --install failed")
 endif()
 execute_process(COMMAND ${CMAKE_COMMAND} -S ${SOURCE}/native/tests/consumer -B ${BUILD}/consumer-build
-                        -G ${GENERATOR} -DCMAKE_PREFIX_PATH=${prefix} RESULT_VARIABLE rc OUTPUT_VARIABLE out
+                        -G ${GENERATOR} -DCMAKE_PREFIX_PATH=${prefix} -DWITH_STUDENT=${STUDENT}
+                        RESULT_VARIABLE rc OUTPUT_VARIABLE out
                         ERROR_VARIABLE out)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "configuring a find_package(lipforcing) project failed:\n${out}")

@@ -7,6 +7,7 @@
  * Exit 0: pass, 1: fail, 77: skipped (no shared clip).
  */
 #include <math.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +35,12 @@ static lf_config tiny(void) {
     config.device = "cpu";
     config.encoder = "taehv";
     return config;
+}
+
+static void *cancel_later(void *session) {
+    usleep(200 * 1000);
+    lf_cancel((lf_session *)session);
+    return NULL;
 }
 
 /* One row of the status table: what a call returned against what the header promises. */
@@ -103,6 +110,17 @@ static int errors(void) {
     newer.config.model = "tiny";
     newer.extra = 1;
     expect("create newer config", lf_create(&newer.config, &session), LF_ERR_ABI, "does not have");
+    /* a caller compiled when lf_config ended before max_sessions (an older minor version): still works, the
+     * missing field at its default */
+    size_t older_size = offsetof(lf_config, max_sessions);
+    lf_config *older = (lf_config *)malloc(older_size); /* exactly its size: AddressSanitizer sees any overrun */
+    expect("config_init older", lf_config_init_abi(older, older_size, LF_ABI_VERSION), LF_OK, NULL);
+    older->model = "tiny";
+    older->device = "cpu";
+    older->encoder = "taehv";
+    expect("create older config", lf_create(older, &session), LF_OK, NULL);
+    lf_destroy(session);
+    free(older);
     lf_config unknown = tiny();
     unknown.model = "1.3b";
     unknown.ckpt = "/nonexistent/student.pth";
@@ -150,6 +168,10 @@ static int errors(void) {
     expect("cancel", lf_cancel(session), LF_OK, NULL);
     expect("pop after cancel", lf_pop_frame(session, &frame, -1), LF_CANCELLED, NULL);
     expect("pop, the cancel spent", lf_pop_frame(session, &frame, 0), LF_TIMEOUT, NULL);
+    pthread_t canceller; /* a pop waiting for ever is woken by lf_cancel from another thread */
+    pthread_create(&canceller, NULL, cancel_later, session);
+    expect("pop woken by another thread's cancel", lf_pop_frame(session, &frame, -1), LF_CANCELLED, NULL);
+    pthread_join(canceller, NULL);
     expect("close", lf_close(session), LF_OK, NULL);
     expect("close twice", lf_close(session), LF_OK, NULL);
     expect("push_frame after close", lf_push_frame(session, pixels, 64, 64, 192), LF_ERR_STATE, "closed");

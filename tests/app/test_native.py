@@ -42,3 +42,17 @@ def test_the_c_host_gives_the_python_sessions_frames(shared_dir, tmp_path):
     assert len(from_c) == len(from_python) == 9
     assert np.array_equal(from_c, np.stack(from_python))
     assert b"9 frames in, 9 frames out" in done.stderr
+
+
+def test_the_embedded_interpreters_output_reaches_the_sink_line_by_line():
+    from lipforcing.engine.app.native import LineSink
+
+    lines: list[tuple[int, str]] = []
+    stream = LineSink(lambda level, line: lines.append((level, line)), 1)
+    assert stream.write("import note\nhalf") == len("import note\nhalf")
+    stream.write(" a line\n\n")
+    assert lines == [(1, "import note"), (1, "half a line"), (1, "")]
+    print("no newline", end="", file=stream)
+    stream.flush()
+    stream.flush()  # nothing pending: nothing more
+    assert lines[3:] == [(1, "no newline")]
