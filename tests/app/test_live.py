@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ pytest.importorskip("transformers")
 from lipforcing.engine.app.demo import moving_frames, portrait, synth_speech  # noqa: E402
 from lipforcing.engine.app.engine import Engine, RunConfig, load_networks  # noqa: E402
 from lipforcing.engine.errors import ConfigError  # noqa: E402
+from lipforcing.engine.media.length import chunk_frame_range  # noqa: E402
 
 TINY = dict(model="tiny", device="cpu", dtype="fp32", encoder="taehv")
 
@@ -42,20 +45,20 @@ def test_live_speech_releases_chunks_as_their_audio_arrives(networks, clip, pipe
     engine = Engine(RunConfig(**TINY, pipeline=pipeline), networks)
     session = engine.session(lookahead=0.32)
     assert session.live and session.frames_needed is None
+    first, second = chunk_frame_range(0).stop, chunk_frame_range(1).stop
     out = []
     for f in frames:
         out += session.push(f)
-    out += session.pop(timeout=0.5)
-    assert out == []  # frames are in, speech is not: nothing can run
+    assert not session._audio_ready(first) and session.pop() == []  # frames are in, speech is not: nothing runs
     first_chunk_audio = (9 + 8) * 640  # 9 frames + 0.32 s look-ahead
     out += session.push_audio(speech[: first_chunk_audio - 640])
-    out += session.pop(timeout=0.5)
-    assert out == []  # one frame of look-ahead short
+    assert not session._audio_ready(first) and out + session.pop() == []  # one frame of look-ahead short
     out += session.push_audio(speech[first_chunk_audio - 640 : first_chunk_audio])
-    out += session.pop(timeout=20)
-    while len(out) < 9:
-        out += session.pop(timeout=20)
-    assert len(out) == 9  # the first chunk, and only it
+    assert session._audio_ready(first) and not session._audio_ready(second)
+    deadline = time.monotonic() + 120
+    while len(out) < 9 and time.monotonic() < deadline:
+        out += session.pop(timeout=1)
+    assert len(out) == 9 and session.pop() == []  # the first chunk, and only it (the second lacks its speech)
     out += session.push_audio(speech[first_chunk_audio:])
     out += session.end_audio()
     assert session.frames_needed == 21
