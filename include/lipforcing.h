@@ -165,6 +165,20 @@ LF_API int lf_close(lf_session *session);
  * lf_last_error says so). */
 LF_API void lf_destroy(lf_session *session);
 
+/* An engine of the caller's own: the configuration's networks loaded once (lf_create shares one cached engine
+ * per configuration for the life of the process instead), shared by the sessions made from it with
+ * lf_session_create, up to config.max_sessions at once. lf_engine_destroy drops the handle; sessions made from it
+ * keep the engine alive, and it is freed with the last of them. */
+typedef struct lf_engine lf_engine;
+LF_API int lf_engine_create(const lf_config *config, lf_engine **out);
+/* Tune the kernels and capture the graphs of every window shape now rather than at the first chunk; *seconds
+ * (may be NULL) gets the time spent (0 where there is nothing to prepare, as on a CPU). */
+LF_API int lf_engine_warm_up(lf_engine *engine, double *seconds);
+/* A session on `engine`; of `options` (NULL: the whole speech before the first frame) only live and lookahead
+ * are read, the rest is the engine's. */
+LF_API int lf_session_create(lf_engine *engine, const lf_config *options, lf_session **out);
+LF_API void lf_engine_destroy(lf_engine *engine);
+
 /* Where the engine's messages go: Python's stdout and stderr, one line per call (level 0: stdout's, 1:
  * stderr's). NULL: back to the process's stderr. Set it before the first lf_create to see start-up messages.
  * The callback may be called from any thread that calls into the library, with the GIL held: it must not

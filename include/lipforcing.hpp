@@ -1,5 +1,5 @@
 // lipforcing.hpp: header-only C++17 RAII over the C ABI (lipforcing.h). Errors are exceptions carrying the
-// status; handles are freed by destructors; a popped frame owns its pixels.
+// status; handles (Engine, Session) are freed by destructors; a popped frame owns its pixels.
 //
 //     lipforcing::Config config;                 // lf_config_init'ed
 //     config.model = "tiny";
@@ -69,9 +69,13 @@ class Frame {
     lf_frame frame_{};
 };
 
+class Engine;
+
 class Session {
   public:
     explicit Session(const lf_config &config) { check(lf_create(&config, &session_)); }
+    // A session on `engine` (options: live and lookahead; nullptr: the whole speech first)
+    Session(Engine &engine, const lf_config *options = nullptr);
     Session(Session &&other) noexcept : session_(std::exchange(other.session_, nullptr)), status_(other.status_) {}
     Session &operator=(Session &&other) noexcept {
         if (this != &other) {
@@ -113,6 +117,36 @@ class Session {
     lf_session *session_ = nullptr;
     int status_ = LF_OK;
 };
+
+// An engine of one's own, shared by the sessions made from it (which keep it alive after this handle is gone).
+class Engine {
+  public:
+    explicit Engine(const lf_config &config) { check(lf_engine_create(&config, &engine_)); }
+    Engine(Engine &&other) noexcept : engine_(std::exchange(other.engine_, nullptr)) {}
+    Engine &operator=(Engine &&other) noexcept {
+        if (this != &other) {
+            lf_engine_destroy(engine_);
+            engine_ = std::exchange(other.engine_, nullptr);
+        }
+        return *this;
+    }
+    Engine(const Engine &) = delete;
+    Engine &operator=(const Engine &) = delete;
+    ~Engine() { lf_engine_destroy(engine_); }
+    double warm_up() {
+        double seconds = 0;
+        check(lf_engine_warm_up(engine_, &seconds));
+        return seconds;
+    }
+    lf_engine *get() const { return engine_; }
+
+  private:
+    lf_engine *engine_ = nullptr;
+};
+
+inline Session::Session(Engine &engine, const lf_config *options) {
+    check(lf_session_create(engine.get(), options, &session_));
+}
 
 }  // namespace lipforcing
 

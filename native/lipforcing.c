@@ -24,8 +24,14 @@
 #error "the library's SOVERSION must be LF_ABI_VERSION"
 #endif
 
-#define LF_MAGIC 0x6c667331u /* "lfs1" */
+#define LF_MAGIC 0x6c667331u        /* "lfs1": a session */
+#define LF_ENGINE_MAGIC 0x6c666531u /* "lfe1": an engine */
 #define LF_POP_SLICE_S 0.1   /* a waiting pop takes the GIL this often, and sees lf_cancel within it */
+
+struct lf_engine {
+    uint32_t magic;    /* first, as in lf_session: the live set checks it */
+    PyObject *obj;     /* a NativeEngine */
+};
 
 struct lf_session {
     uint32_t magic;
@@ -38,7 +44,7 @@ static _Thread_local char error_message[2048];
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 static int init_status = LF_OK;
 static char init_error[2048];
-static PyObject *session_class, *state_error, *argument_error, *config_error, *media_error, *lipforcing_error;
+static PyObject *engine_class, *session_class, *state_error, *argument_error, *config_error, *media_error, *lipforcing_error;
 
 static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
 static lf_log_callback log_callback;
@@ -87,42 +93,42 @@ static int python_failure(void) {
 /* ---- live handles: a destroyed or foreign pointer is refused before it is read ------------------------ */
 
 static pthread_mutex_t live_lock = PTHREAD_MUTEX_INITIALIZER;
-static lf_session **live_sessions;
+static const void **live_handles; /* sessions and engines */
 static size_t live_count, live_capacity;
 
-static int live_add(lf_session *session) {
+static int live_add(const void *handle) {
     pthread_mutex_lock(&live_lock);
     int ok = 1;
     if (live_count == live_capacity) {
         size_t capacity = live_capacity ? 2 * live_capacity : 16;
-        lf_session **grown = (lf_session **)realloc(live_sessions, capacity * sizeof *grown);
-        if (grown) live_sessions = grown, live_capacity = capacity;
+        const void **grown = (const void **)realloc(live_handles, capacity * sizeof *grown);
+        if (grown) live_handles = grown, live_capacity = capacity;
         else ok = 0;
     }
-    if (ok) live_sessions[live_count++] = session;
+    if (ok) live_handles[live_count++] = handle;
     pthread_mutex_unlock(&live_lock);
     return ok;
 }
 
-/* Whether `session` is live; with `remove`, it is taken out of the set (lf_destroy). */
-static int live_find(const lf_session *session, int remove) {
+/* Whether `handle` is live and of the kind `magic`; with `remove`, it is taken out of the set (destroy). */
+static int live_find(const void *handle, uint32_t magic, int remove) {
     pthread_mutex_lock(&live_lock);
     int found = 0;
     for (size_t i = 0; i < live_count; i++) {
-        if (live_sessions[i] == session) {
-            found = 1;
-            if (remove) live_sessions[i] = live_sessions[--live_count];
+        if (live_handles[i] == handle) {
+            found = *(const uint32_t *)handle == magic;
+            if (found && remove) live_handles[i] = live_handles[--live_count];
             break;
         }
     }
     pthread_mutex_unlock(&live_lock);
-    return found && session->magic == LF_MAGIC;
+    return found;
 }
 
 /* LF_OK for a live session, else the status and this thread's message, for the entry point `api`. */
 static int check_session(const lf_session *session, const char *api) {
     if (!session) return fail(LF_ERR_ARGUMENT, "%s: session is NULL", api);
-    if (!live_find(session, 0))
+    if (!live_find(session, LF_MAGIC, 0))
         return fail(LF_ERR_MISUSE, "%s: the session is not live (destroyed already, or not made by lf_create)", api);
     return LF_OK;
 }
@@ -202,7 +208,8 @@ static void start_python(void) {
     }
     PyGILState_STATE gil = PyGILState_Ensure();
     int ok = !started_here || redirect_output() == 0;
-    if (ok) session_class = attribute("lipforcing.engine.app.native", "NativeSession");
+    if (ok) engine_class = attribute("lipforcing.engine.app.native", "NativeEngine");
+    if (engine_class) session_class = attribute("lipforcing.engine.app.native", "NativeSession");
     if (session_class) state_error = attribute("lipforcing.engine.app.native", "StateError");
     if (state_error) argument_error = attribute("lipforcing.engine.app.native", "ArgumentError");
     if (argument_error) media_error = attribute("lipforcing.engine.errors", "MediaError");
@@ -323,14 +330,14 @@ static int valid_device(const char *device) {
 }
 
 /* The caller's config, checked, into *out (its `size` bytes; later fields keep their defaults). */
-static int check_config(const lf_config *config, lf_config *out) {
-    int status = check_abi(config->size, config->abi_version, "lf_create");
+static int check_config(const lf_config *config, lf_config *out, const char *api) {
+    int status = check_abi(config->size, config->abi_version, api);
     if (status != LF_OK) return status;
     memset(out, 0, sizeof *out);
     memcpy(out, config, config->size < sizeof *out ? config->size : sizeof *out);
     for (size_t i = sizeof *out; i < config->size; i++)
         if (((const unsigned char *)config)[i])
-            return fail(LF_ERR_ABI, "lf_create: the config sets fields this library (%s) does not have", lf_version());
+            return fail(LF_ERR_ABI, "%s: the config sets fields this library (%s) does not have", api, lf_version());
     out->size = sizeof *out;
 
     static const char *const models[] = {"tiny", "1.3b", "14b", NULL}, *const dtypes[] = {"bf16", "fp16", "fp32", "fp8", NULL},
@@ -345,21 +352,21 @@ static int check_config(const lf_config *config, lf_config *out) {
     for (size_t i = 0; i < sizeof strings / sizeof *strings; i++) {
         const char *value = strings[i].value;
         if (!value || !*value) continue;
-        if (!valid_utf8(value)) return fail(LF_ERR_ARGUMENT, "lf_create: config.%s is not valid UTF-8", strings[i].name);
+        if (!valid_utf8(value)) return fail(LF_ERR_ARGUMENT, "%s: config.%s is not valid UTF-8", api, strings[i].name);
         if (strings[i].choices && !one_of(value, strings[i].choices)) {
             char list[256] = "";
             for (const char *const *c = strings[i].choices; *c; c++)
                 snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", c == strings[i].choices ? "" : ", ", *c);
-            return fail(LF_ERR_CONFIG, "lf_create: unknown %s '%s'; choose one of %s", strings[i].name, value, list);
+            return fail(LF_ERR_CONFIG, "%s: unknown %s '%s'; choose one of %s", api, strings[i].name, value, list);
         }
     }
     if (out->device && *out->device && !valid_device(out->device))
-        return fail(LF_ERR_CONFIG, "lf_create: unknown device '%s'; choose cpu, cuda or cuda:N", out->device);
+        return fail(LF_ERR_CONFIG, "%s: unknown device '%s'; choose cpu, cuda or cuda:N", api, out->device);
     if (!isfinite(out->lookahead) || out->lookahead < 0)
-        return fail(LF_ERR_ARGUMENT, "lf_create: lookahead must be a finite number of seconds >= 0, got %g",
+        return fail(LF_ERR_ARGUMENT, "%s: lookahead must be a finite number of seconds >= 0, got %g", api,
                     out->lookahead);
     if (out->max_sessions < 0)
-        return fail(LF_ERR_ARGUMENT, "lf_create: max_sessions must not be negative, got %d", out->max_sessions);
+        return fail(LF_ERR_ARGUMENT, "%s: max_sessions must not be negative, got %d", api, out->max_sessions);
     return LF_OK;
 }
 
@@ -398,36 +405,125 @@ static PyObject *config_dict(const lf_config *c) {
     return NULL;
 }
 
-int lf_create(const lf_config *config, lf_session **out) {
-    error_message[0] = 0;
-    if (!config || !out) return fail(LF_ERR_ARGUMENT, "lf_create: config and out must not be NULL");
-    *out = NULL;
-    lf_config checked;
-    int status = check_config(config, &checked);
-    if (status != LF_OK) return status;
-    status = ready();
-    if (status != LF_OK) return status;
+/* A session around the NativeSession `obj` (a new reference, or NULL with a Python error: the GIL is held). */
+static int wrap_session(PyObject *obj, lf_session **out) {
+    if (!obj) return python_failure();
     lf_session *session = (lf_session *)calloc(1, sizeof *session);
-    if (!session) return fail(LF_ERR_INTERNAL, "lf_create: out of memory");
-    PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *dict = config_dict(&checked);
-    PyObject *obj = dict ? PyObject_CallOneArg(session_class, dict) : NULL;
-    if (!obj) status = python_failure();
-    Py_XDECREF(dict);
-    if (obj && !live_add(session)) {
-        Py_CLEAR(obj);
-        status = fail(LF_ERR_INTERNAL, "lf_create: out of memory");
-    }
-    PyGILState_Release(gil);
-    if (!obj) {
+    if (!session || !live_add(session)) {
         free(session);
-        return status;
+        Py_DECREF(obj);
+        return fail(LF_ERR_INTERNAL, "out of memory for a session");
     }
     session->magic = LF_MAGIC;
     session->obj = obj;
     atomic_init(&session->cancel_pending, 0);
     *out = session;
     return LF_OK;
+}
+
+int lf_create(const lf_config *config, lf_session **out) {
+    error_message[0] = 0;
+    if (!config || !out) return fail(LF_ERR_ARGUMENT, "lf_create: config and out must not be NULL");
+    *out = NULL;
+    lf_config checked;
+    int status = check_config(config, &checked, "lf_create");
+    if (status != LF_OK) return status;
+    status = ready();
+    if (status != LF_OK) return status;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *dict = config_dict(&checked);
+    status = wrap_session(dict ? PyObject_CallOneArg(session_class, dict) : NULL, out);
+    Py_XDECREF(dict);
+    PyGILState_Release(gil);
+    return status;
+}
+
+int lf_engine_create(const lf_config *config, lf_engine **out) {
+    error_message[0] = 0;
+    if (!config || !out) return fail(LF_ERR_ARGUMENT, "lf_engine_create: config and out must not be NULL");
+    *out = NULL;
+    lf_config checked;
+    int status = check_config(config, &checked, "lf_engine_create");
+    if (status != LF_OK) return status;
+    status = ready();
+    if (status != LF_OK) return status;
+    lf_engine *engine = (lf_engine *)calloc(1, sizeof *engine);
+    if (!engine) return fail(LF_ERR_INTERNAL, "lf_engine_create: out of memory");
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *dict = config_dict(&checked);
+    PyObject *obj = dict ? PyObject_CallOneArg(engine_class, dict) : NULL;
+    Py_XDECREF(dict);
+    if (!obj) status = python_failure();
+    else if (!live_add(engine)) {
+        status = fail(LF_ERR_INTERNAL, "lf_engine_create: out of memory");
+        Py_CLEAR(obj);
+    }
+    PyGILState_Release(gil);
+    if (!obj) return free(engine), status;
+    engine->magic = LF_ENGINE_MAGIC;
+    engine->obj = obj;
+    *out = engine;
+    return LF_OK;
+}
+
+static int check_engine(const lf_engine *engine, const char *api) {
+    if (!engine) return fail(LF_ERR_ARGUMENT, "%s: engine is NULL", api);
+    if (!live_find(engine, LF_ENGINE_MAGIC, 0))
+        return fail(LF_ERR_MISUSE, "%s: the engine is not live (destroyed already, or not made by lf_engine_create)",
+                    api);
+    return LF_OK;
+}
+
+int lf_engine_warm_up(lf_engine *engine, double *seconds) {
+    error_message[0] = 0;
+    int status = check_engine(engine, "lf_engine_warm_up");
+    if (status != LF_OK) return status;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *result = PyObject_CallMethod(engine->obj, "warm_up", NULL);
+    if (!result) status = python_failure();
+    else if (seconds) *seconds = PyFloat_AsDouble(result);
+    Py_XDECREF(result);
+    PyGILState_Release(gil);
+    return status;
+}
+
+int lf_session_create(lf_engine *engine, const lf_config *options, lf_session **out) {
+    error_message[0] = 0;
+    if (!out) return fail(LF_ERR_ARGUMENT, "lf_session_create: out is NULL");
+    *out = NULL;
+    int status = check_engine(engine, "lf_session_create");
+    if (status != LF_OK) return status;
+    lf_config checked;
+    lf_config_init(&checked);
+    if (options && (status = check_config(options, &checked, "lf_session_create")) != LF_OK) return status;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *dict = PyDict_New();
+    PyObject *session = NULL;
+    if (dict && put_number(dict, "live", PyLong_FromLong(checked.live ? 1 : 0)) == 0 &&
+        (checked.lookahead <= 0 || put_number(dict, "lookahead", PyFloat_FromDouble(checked.lookahead)) == 0))
+        session = PyObject_CallMethod(engine->obj, "session", "O", dict);
+    status = wrap_session(session, out);
+    Py_XDECREF(dict);
+    PyGILState_Release(gil);
+    return status;
+}
+
+void lf_engine_destroy(lf_engine *engine) {
+    error_message[0] = 0;
+    if (!engine) return;
+    if (!live_find(engine, LF_ENGINE_MAGIC, 1)) {
+        fail(LF_ERR_MISUSE, "lf_engine_destroy: the engine is not live (destroyed already, or not made by "
+             "lf_engine_create)");
+        return;
+    }
+    engine->magic = 0;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *result = PyObject_CallMethod(engine->obj, "destroy", NULL);
+    if (!result) python_failure();
+    Py_XDECREF(result);
+    Py_DECREF(engine->obj);
+    PyGILState_Release(gil);
+    free(engine);
 }
 
 /* Call a method of the session (format as Py_BuildValue); the result, or NULL with the status in *status. */
@@ -620,7 +716,7 @@ int lf_cancel(lf_session *session) {
 void lf_destroy(lf_session *session) {
     error_message[0] = 0;
     if (!session) return;
-    if (!live_find(session, 1)) {
+    if (!live_find(session, LF_MAGIC, 1)) {
         fail(LF_ERR_MISUSE, "lf_destroy: the session is not live (destroyed already, or not made by lf_create)");
         return;
     }

@@ -2,7 +2,9 @@
 
 The C library embeds CPython (or joins the interpreter of a Python host), imports this module and calls
 ``NativeSession``; it passes plain bytes and numbers only. Engines are shared: sessions created with the same
-configuration reuse one loaded engine (its weights), so creating and destroying sessions costs no reload.
+configuration reuse one loaded engine (its weights), so creating and destroying sessions costs no reload; an
+engine of the host's own (``NativeEngine``, lf_engine_create) is shared by the sessions made from it and freed with
+them.
 
     s = NativeSession({"model": "tiny", "device": "cpu"})
     s.push_speech(float32_bytes, 16000); s.end_speech()        # the whole clip (or live=1: as it is spoken)
@@ -74,7 +76,7 @@ def redirect_output(sink: Callable[[int, str], None]) -> None:
     sys.stdout, sys.stderr = LineSink(sink, 0), LineSink(sink, 1)
 
 
-def _engine(config: dict) -> Engine:
+def _run_config(config: dict) -> tuple[RunConfig, Weights]:
     unknown = set(config) - CONFIG_KEYS - WEIGHT_KEYS - {"live", "lookahead"}
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
@@ -84,20 +86,42 @@ def _engine(config: dict) -> Engine:
             run[name] = int(run[name])
     if run.get("model", "14b") == "tiny":
         run.setdefault("dtype", "fp32")
-    cfg = RunConfig(**run)
-    weights = Weights(**{k: v for k, v in config.items() if k in WEIGHT_KEYS and v})
-    key = (cfg, weights)
+    return RunConfig(**run), Weights(**{k: v for k, v in config.items() if k in WEIGHT_KEYS and v})
+
+
+def _engine(config: dict) -> Engine:
+    """The shared engine of this configuration (lf_create): loaded once, kept for the process's life."""
+    key = _run_config(config)
     with _engines_lock:
         if key not in _engines:
-            _engines[key] = build_engine(cfg, weights)
+            _engines[key] = build_engine(*key)
         return _engines[key]
+
+
+class NativeEngine:
+    """An engine a C host owns (lf_engine_create): its own weights, not lf_create's shared ones. Its sessions keep
+    it alive; once the handle is destroyed and the last session has ended, it is freed."""
+
+    def __init__(self, config: dict) -> None:
+        self.engine = build_engine(*_run_config(config))
+
+    def warm_up(self) -> float:
+        return self.engine.warm_up()
+
+    def session(self, options: dict) -> NativeSession:
+        return NativeSession(options, engine=self.engine)
+
+    def destroy(self) -> None:
+        """Drop the handle; the engine's worker thread stops now when no session runs on it."""
+        if not any(p.in_use for p in self.engine.parts):
+            self.engine.close()
 
 
 class NativeSession:
     """One session for a C host. Calls are serialized (a lock); the C side holds the GIL only inside them."""
 
-    def __init__(self, config: dict) -> None:
-        self.engine = _engine(config)
+    def __init__(self, config: dict, engine: Engine | None = None) -> None:
+        self.engine = engine if engine is not None else _engine(config)
         self.live = bool(int(config.get("live") or 0))
         lookahead = config.get("lookahead")
         self._lock = threading.Lock()

@@ -191,6 +191,42 @@ static int errors(void) {
     lf_destroy(session);
     CHECK(strstr(lf_last_error(), "lf_destroy: the session is not live"), "double destroy: '%s'", lf_last_error());
 
+    /* an engine of the caller's own, shared by its sessions (max_sessions 2: a third live one is refused), which
+     * outlive its handle; the handle after destroy, or a session's handle as an engine, is LF_ERR_MISUSE */
+    lf_engine *engine = NULL;
+    lf_config shared = tiny(), live = tiny(), bad = tiny();
+    shared.max_sessions = 2;
+    live.live = 1;
+    bad.dtype = "int4";
+    expect("engine_create NULL", lf_engine_create(NULL, &engine), LF_ERR_ARGUMENT, "NULL");
+    expect("engine_create bad dtype", lf_engine_create(&bad, &engine), LF_ERR_CONFIG, "lf_engine_create: unknown dtype");
+    expect("engine_warm_up NULL", lf_engine_warm_up(NULL, NULL), LF_ERR_ARGUMENT, "engine is NULL");
+    expect("engine_create", lf_engine_create(&shared, &engine), LF_OK, NULL);
+    double seconds = -1;
+    expect("engine_warm_up", lf_engine_warm_up(engine, &seconds), LF_OK, NULL);
+    CHECK(seconds == 0.0, "a CPU engine has nothing to warm up, got %g s", seconds);
+    lf_session *a = NULL, *b = NULL, *c = NULL;
+    expect("session_create live", lf_session_create(engine, &live, &a), LF_OK, NULL);
+    expect("session_create second live", lf_session_create(engine, &live, &b), LF_OK, NULL);
+    expect("session_create third live", lf_session_create(engine, &live, &c), LF_ERR_CONFIG, "already runs 2");
+    bad = tiny();
+    bad.lookahead = NAN;
+    expect("session_create bad options", lf_session_create(engine, &bad, &c), LF_ERR_ARGUMENT,
+           "lf_session_create: lookahead");
+    expect("session_create NULL out", lf_session_create(engine, NULL, NULL), LF_ERR_ARGUMENT, "out is NULL");
+    expect("engine handle as a session", lf_close((lf_session *)(void *)engine), LF_ERR_MISUSE, "session is not live");
+    expect("session handle as an engine", lf_engine_warm_up((lf_engine *)(void *)a, NULL), LF_ERR_MISUSE,
+           "engine is not live");
+    lf_engine_destroy(engine);
+    expect("push_speech, the engine's handle destroyed", lf_push_speech(a, speech, 16000, 16000), LF_OK, NULL);
+    expect("session_create destroyed engine", lf_session_create(engine, NULL, &c), LF_ERR_MISUSE, "engine is not live");
+    expect("engine_warm_up destroyed", lf_engine_warm_up(engine, NULL), LF_ERR_MISUSE, "engine is not live");
+    lf_engine_destroy(engine);
+    CHECK(strstr(lf_last_error(), "lf_engine_destroy: the engine is not live"), "engine destroyed twice: '%s'",
+          lf_last_error());
+    lf_destroy(a);
+    lf_destroy(b);
+
     /* max_sessions (default 1): a second live session at once is refused until the first is destroyed */
     config.live = 1;
     lf_session *first = NULL, *second = NULL;

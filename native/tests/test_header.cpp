@@ -21,6 +21,12 @@ int main() {
         std::printf("%s\n", e.what());
         if (e.status() != LF_ERR_CONFIG || !std::strstr(e.what(), "unknown model 'nope'")) return 1;
     }
+    try {
+        lipforcing::Engine engine(config);
+        return 1;
+    } catch (const lipforcing::Error &e) {
+        if (e.status() != LF_ERR_CONFIG || !std::strstr(e.what(), "lf_engine_create: unknown model")) return 1;
+    }
     lipforcing::Frame empty;
     return empty.data() == nullptr ? 0 : 1;
 }
