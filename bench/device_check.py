@@ -16,6 +16,9 @@ this module ties each fast path to the reference path on the same device, on fre
   kernels: equal up to autotuning picking another tile between the two), and against the reference sampler.
 - ``streams``: the chunk pipeline on three device streams against the same pipeline run in turn, with the
   TAEHV encoder and decoder (random weights) at 512x512: the frames must be equal.
+- ``fp8``: the same weights quantised (``--dtype fp8``): one block GEMM (``torch._scaled_mm`` on Ada / Hopper)
+  against its dequantised product, the fp8 student against the unquantised one, and its Triton attention
+  (reading the e4m3 cache directly) against its reference backend.
 
 Models are reduced in depth (``--layers``, default 2 blocks) and kept at their full width, heads and token
 counts: every kernel sees the real shapes, and a step costs seconds. Each check's figures are written to
@@ -43,6 +46,11 @@ BOUNDS = {
     # the same kernels with and without graphs: equal up to the autotuner choosing another tile between runs
     "graphs": {torch.bfloat16: 5e-2, torch.float16: 2e-2, torch.float32: 1e-5},
     "streams": {torch.bfloat16: 0.0, torch.float16: 0.0, torch.float32: 0.0},
+    # fp8 (e4m3) against the same model unquantised: one e4m3 GEMM is within 5.1% RMS (tests/dit/test_fp8.py
+    # derives it), plus the dtype's own rounding
+    "fp8": {torch.bfloat16: 0.1, torch.float16: 0.08, torch.float32: 0.051},
+    # torch._scaled_mm against the same e4m3 values dequantised and multiplied in float32: the output's rounding
+    "fp8_gemm": {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5},
 }
 CHUNKS = 3  # chunk 0, chunk 1, one steady-state chunk: every window shape
 
@@ -120,6 +128,7 @@ def check_model(name: str, layers: int, device: torch.device, dtype: torch.dtype
     got, entry["sdpa_chunk_ms"] = _student_chunks(sdpa, inp, device)
     entry["sdpa_rel_err"] = _errors(got, ref)
     del sdpa
+    _check_fp8(entry, model, stream, inp, ref, device, seed, triton is not None)
     backend = "triton" if triton is not None else "reference"
     eager = StaticStudent(model, stream, backend=backend, seed=seed, cuda_graphs=False)
     eager.warm_up(inp["text"])
@@ -187,11 +196,39 @@ def check_streams(device: torch.device, dtype: torch.dtype, seed: int) -> dict:
             "sequential_ms": times[0], "streams_ms": times[1], "skipped": []}
 
 
+def _check_fp8(entry: dict, model, stream, inp: dict, ref: list, device: torch.device, seed: int,
+               triton: bool) -> None:
+    """The ``fp8`` checks (see the module docstring), written into ``entry``."""
+    import torch.nn.functional as F
+
+    from ..engine.dit.fp8 import fp8_gemm_available, quantize, quantized_copy
+    from ..engine.runtime.sampler import StreamingSampler
+
+    fp8 = quantized_copy(model)
+    layer = fp8.blocks[0].ffn[0]
+    x = torch.randn(3072, layer.in_features, device=device, generator=torch.Generator(device).manual_seed(seed))
+    xq, xs = quantize(x.to(fp8.dtype), dim=-1)
+    by_hand = F.linear(xq.float() * xs, layer.dequantized_weight(), layer.bias.float())
+    entry["fp8_gemm"] = "torch._scaled_mm" if fp8_gemm_available(device) else "dequantised fp32 matmul"
+    entry["fp8_gemm_rel_err"] = _errors([layer(x)], [by_hand])
+    f8_ref = StreamingSampler(fp8, stream, backend="reference", seed=seed)
+    f8_ref.warm_up(inp["text"])
+    got_ref, entry["fp8_reference_chunk_ms"] = _student_chunks(f8_ref, inp, device)
+    entry["fp8_vs_unquantised_rel_err"] = _errors(got_ref, ref)
+    if triton:
+        f8_triton = StreamingSampler(fp8, stream, backend="triton", seed=seed)
+        f8_triton.warm_up(inp["text"])
+        got, entry["fp8_triton_chunk_ms"] = _student_chunks(f8_triton, inp, device)
+        entry["fp8_kernels_rel_err"] = _errors(got, got_ref)
+
+
 def _failures(document: dict, dtype: torch.dtype) -> list[str]:
     failures = []
     for entry in document["models"]:
         for key, bound_key in (("kernels_rel_err", "kernels"), ("sdpa_rel_err", "kernels"),
-                               ("graphs_rel_err", "graphs"), ("static_vs_reference_rel_err", "kernels")):
+                               ("graphs_rel_err", "graphs"), ("static_vs_reference_rel_err", "kernels"),
+                               ("fp8_gemm_rel_err", "fp8_gemm"), ("fp8_vs_unquantised_rel_err", "fp8"),
+                               ("fp8_kernels_rel_err", "kernels")):
             worst = max(entry.get(key, [0.0]))
             if not worst <= BOUNDS[bound_key][dtype]:  # NaN fails too
                 failures.append(f"{entry['model']}: {key} {worst:.3e} > {BOUNDS[bound_key][dtype]:.0e}")

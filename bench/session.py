@@ -21,6 +21,8 @@ The ablation adds one piece of the fast path at a time (the last one is what ``l
     +decoder    the TAEHV decoder on TensorRT (onnxruntime where TensorRT cannot run)
     +sdpa       the same fast path with the sdpa attention backend (PyTorch SDPA / flash-attn over a window
                 rotated once per call) instead of the Triton attention: the production alternative
+    +fp8        the fast path (+decoder) with the student's block weights and KV cache in e4m3 (--dtype fp8):
+                the same weights quantised, fp8 GEMMs on Ada / Hopper (dequantised elsewhere)
 
 A piece that cannot run here (no CUDA, no Triton, no backend decoder) is named in the variant's ``skipped``
 field; the variant is then measured without it when that still changes the path, else left out. What
@@ -31,6 +33,7 @@ measured.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -65,6 +68,8 @@ ABLATION: dict[str, dict] = {
 }
 # The production alternative to the Triton attention: the whole fast path with the sdpa backend instead.
 ABLATION["+sdpa"] = dict(scheduler="static", pipeline="streams", backend="sdpa", decoder_backend="best")
+# The whole fast path on e4m3 block weights and KV cache (--dtype fp8): the same weights, quantised.
+ABLATION["+fp8"] = dict(scheduler="static", pipeline="streams", backend="triton", decoder_backend="best", dtype="fp8")
 COMPILED = {"+compile": dict(scheduler="static", pipeline="streams", backend="triton", decoder_backend="best",
                              compile=True)}
 
@@ -157,6 +162,18 @@ def build_networks(cfg: BenchConfig) -> Networks:
     text = torch.randn(1, student.cfg.text_len, student.cfg.text_dim, generator=torch.Generator().manual_seed(0))
     audio = _RandomAudioFeatures(student.cfg.audio_dim, torch.device(cfg.device))
     return Networks(student, vae, taehv, audio, text)
+
+
+def _networks_for(run_cfg: RunConfig, networks: Networks, made: dict) -> Networks:
+    """The shared networks, or for an fp8 variant the same ones with the student quantised beside the original
+    (sharing every unquantised parameter; made once, kept in ``made``)."""
+    if run_cfg.dtype != "fp8":
+        return networks
+    if "fp8" not in made:
+        from ..engine.dit.fp8 import quantized_copy
+
+        made["fp8"] = dataclasses.replace(networks, student=quantized_copy(networks.student))
+    return made["fp8"]
 
 
 class _RandomAudioFeatures:
@@ -397,7 +414,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None) -> dict:
     base = RunConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, encoder=cfg.encoder, decoder=cfg.decoder,
                      face_backend="box", face_box=box)
     report = _report_head(cfg, device)
-    results, seen_paths, outputs = report["results"], [], {}
+    results, seen_paths, outputs, variant_networks = report["results"], [], {}, {}
 
     def save() -> None:
         measured = {k: v for k, v in results.items() if "fps" in v}
@@ -416,7 +433,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None) -> dict:
     with tqdm(total=len(variants), unit="variant", desc="bench", disable=not cfg.progress) as bar:
         for name in variants:
             run_cfg, skipped = variant_config(name, base, device)
-            engine = Engine(run_cfg, networks)
+            engine = Engine(run_cfg, _networks_for(run_cfg, networks, variant_networks))
             if engine.path in seen_paths:
                 same = next(k for k, v in results.items() if v.get("path") == engine.path)
                 results[name] = {"skipped": skipped, "same_path_as": same}

@@ -71,8 +71,10 @@ def test_bench_measures_the_session_with_the_ablation(dry_run):
     assert validate(report) == []
     assert report["device"]["type"] == "cpu" and "CPU figures" in report["device"]["note"]
     results = report["results"]
-    assert list(results) == ["reference", "+kernels", "+graphs", "+streams", "+decoder", "+sdpa"]
+    assert list(results) == ["reference", "+kernels", "+graphs", "+streams", "+decoder", "+sdpa", "+fp8"]
     assert results["+sdpa"]["path"]["attention"] == "sdpa" and results["+sdpa"]["fps"] > 0
+    assert results["+fp8"]["path"]["dtype"] == "fp8" and results["+fp8"]["path"]["kv_cache"] == "float8_e4m3fn"
+    assert results["+fp8"]["fps"] > 0 and results["+streams"]["path"]["kv_cache"] == "float32"
     # no CUDA here: the Triton kernels cannot run, so +kernels is the reference path; the others run
     assert results["+kernels"]["same_path_as"] == "reference"
     assert any("Triton" in why for why in results["+kernels"]["skipped"])
@@ -96,9 +98,10 @@ def test_quality_gate_compares_every_fast_path_with_the_reference(dry_run):
     results = report["results"]
     # the reference against a second run of itself is exact; the fast paths reproduce it
     assert results["reference"]["quality"]["drop_pct"] == 0 and results["reference"]["quality"]["psnr"] == "inf"
-    for name in ("+graphs", "+streams", "+sdpa"):
+    for name in ("+graphs", "+streams", "+sdpa", "+fp8"):
         assert results[name]["quality"]["drop_pct"] <= 1, results[name]["quality"]
         assert "syncnet_v2.model" in results[name]["quality"]["note"]  # Sync-C needs weights: said, not faked
+    assert results["+fp8"]["quality"]["psnr"] != "inf"  # the fp8 student ran: its frames are not bit-exact
     assert report["quality_gate"] == {"max_drop_pct": 1.0, "failures": []}
 
 
