@@ -16,7 +16,7 @@ this module ties each fast path to the reference path on the same device, on fre
   kernels: equal up to autotuning picking another tile between the two), and against the reference sampler.
 - ``streams``: the chunk pipeline on three device streams against the same pipeline run in turn, with the
   TAEHV encoder and decoder (random weights) at 512x512: the frames must be equal.
-- ``fp8``: the same weights quantised (``--dtype fp8``): one block GEMM (``torch._scaled_mm`` on Ada / Hopper)
+- ``fp8``: the same weights quantised (``--dtype fp8``): one block GEMM (``torch._scaled_mm`` on Hopper)
   against its dequantised product, the fp8 student against the unquantised one, and its Triton attention
   (reading the e4m3 cache directly) against its reference backend.
 

@@ -22,7 +22,7 @@ The ablation adds one piece of the fast path at a time (the last one is what ``l
     +sdpa       the same fast path with the sdpa attention backend (PyTorch SDPA / flash-attn over a window
                 rotated once per call) instead of the Triton attention: the production alternative
     +fp8        the fast path (+decoder) with the student's block weights and KV cache in e4m3 (--dtype fp8):
-                the same weights quantised, fp8 GEMMs on Ada / Hopper (dequantised elsewhere)
+                the same weights quantised, fp8 GEMMs on Hopper (dequantised elsewhere)
 
 A piece that cannot run here (no CUDA, no Triton, no backend decoder) is named in the variant's ``skipped``
 field; the variant is then measured without it when that still changes the path, else left out. What

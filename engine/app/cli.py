@@ -233,7 +233,7 @@ def add_engine_options(p: argparse.ArgumentParser, *, model_default: str = "14b"
     p.add_argument("--model", default=model_default, choices=["tiny", "1.3b", "14b"])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
-                   help="fp8: the student's block weights and KV cache in e4m3 (Ada / Hopper fp8 GEMMs), rest bf16")
+                   help="fp8: the student's block weights and KV cache in e4m3 (fp8 GEMMs on Hopper), rest bf16")
     p.add_argument("--encoder", default="wan", choices=["wan", "taehv"])
     p.add_argument("--encoder-group-frames", type=int, default=4,
                    help="encode in groups of this many frames (default 4, the released procedure; 0: whole chunks)")

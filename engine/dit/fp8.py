@@ -16,7 +16,7 @@ What is quantised, and how:
     q, scale = quantize(x, dim=-1)                 # e4m3 values and float32 scales, x ~= q * scale
 
 The GEMMs run ``torch._scaled_mm`` (fp8 tensor cores, float32 accumulation, both scales applied to the
-accumulator) on CUDA devices of compute capability 8.9 and later (Ada, Hopper). Elsewhere (the CPU, older
+accumulator) on CUDA devices of compute capability 9.0 and later (Hopper). Elsewhere (the CPU, Ada and older
 GPUs) the same quantised values are dequantised and multiplied in float32, so the CPU tests measure the
 accuracy of exactly what the GPU computes, up to the order of the fp32 accumulation.
 """
@@ -51,11 +51,13 @@ def quantize(x: torch.Tensor, dim: int | tuple[int, ...] = -1) -> tuple[torch.Te
 
 
 def fp8_gemm_available(device: torch.device) -> bool:
-    """Whether ``torch._scaled_mm`` runs on ``device``: CUDA with compute capability 8.9 or later (Ada,
-    Hopper, Blackwell); True on the meta device, where the memory plan profiles the CUDA path."""
+    """Whether the fp8 GEMM runs on ``device``: ``torch._scaled_mm`` with a scale per token and per output
+    channel (rowwise), which PyTorch implements for compute capability 9.0 and later (Hopper, Blackwell); True on
+    the meta device, where the memory plan profiles the CUDA path. Ada (8.9) keeps the e4m3 weights in memory
+    (what makes 14B fit a 24 GB card) and multiplies them dequantised until its rowwise GEMM is measured."""
     if device.type == "meta":
         return True
-    return device.type == "cuda" and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 class Fp8Linear(nn.Module):
