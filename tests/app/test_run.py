@@ -167,50 +167,58 @@ def test_no_face_passes_through_or_fails_with_require_face(tmp_path, capsys):
         run_video(src, None, out2, engine, progress=False)
 
 
-def test_report_names_the_path_that_ran(shared_dir, short_speech, tmp_path, capsys):
-    audio_path, speech = short_speech
-    out, report = tmp_path / "out.mp4", tmp_path / "run.json"
-    args = ["run", str(shared_dir / "assets/clips/face5.mp4"), "--audio", str(audio_path), "-o", str(out),
+@pytest.fixture(scope="module")
+def default_run(shared_dir, short_speech, tmp_path_factory):
+    """``lipforcing run`` on face5 with the short speech, every option at its default, with --timing and a report:
+    (argv, output video, report, stdout)."""
+    import contextlib
+    import io
+
+    folder = tmp_path_factory.mktemp("default_run")
+    out, report = folder / "default.mp4", folder / "default.json"
+    args = ["run", str(shared_dir / "assets/clips/face5.mp4"), "--audio", str(short_speech[0]), "-o", str(out),
             "--report", str(report), "--timing", *TINY]
-    assert main(args) == 0
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(args) == 0
+    return args, out, report, stdout.getvalue()
+
+
+def test_report_names_the_path_that_ran(default_run, short_speech, tmp_path):
+    args, _, report, stdout = default_run
     summary = json.loads(report.read_text())
-    n = clip_length_from_samples(speech.size).frames
+    n = clip_length_from_samples(short_speech[1].size).frames
     assert summary["frames"] == n and summary["seconds"] > 0 and summary["fps"] > 0
     assert summary["path"] == {
         "scheduler": "static", "pipeline": "sequential", "device_streams": False, "cuda_graphs": False,
         "attention": "reference", "compile": False, "encoder": "taehv", "decoder": "taehv",
-        "decoder_backend": "torch", "device": "cpu", "model": "tiny", "dtype": "fp32", "max_sessions": 1,
-        "face": "mediapipe",
+        "decoder_backend": "torch", "device": "cpu", "model": "tiny", "dtype": "fp32", "kv_cache": "float32",
+        "max_sessions": 1, "face": "mediapipe",
     }
     assert {"face alignment", "encode", "student", "decode", "paste-back"} <= set(summary["stage_seconds"])
     assert set(summary["fields"]) >= {"fps", "path", "stage_seconds"}
-    assert "static scheduler" in capsys.readouterr().out
-    untimed = tmp_path / "untimed.json"
-    assert main([a for a in args if a != "--timing"][:-len(TINY) - 2] + ["--report", str(untimed), *TINY]) == 0
+    assert "static scheduler" in stdout
+    out, untimed = tmp_path / "untimed.mp4", tmp_path / "untimed.json"
+    assert main(args[:4] + ["-o", str(out), "--report", str(untimed), *TINY]) == 0
     assert "stage_seconds" not in json.loads(untimed.read_text())  # timing is opt-in
 
 
-def test_the_default_path_writes_the_reference_paths_frames(shared_dir, short_speech, tmp_path):
+def test_the_default_path_writes_the_reference_paths_frames(default_run, short_speech, tmp_path):
     """``lipforcing run`` as a user runs it (the static scheduler and every default of the CPU path) writes the
     frames of the plain reference path (the sequential sampler, reference attention, PyTorch decoder), decoded
     from the two MP4s; each report names the path that ran. (Two chunks, to keep it short: the steady-state
     window is compared in tests/runtime/test_static.py.)"""
-    audio_path, speech = short_speech
-    src = shared_dir / "assets/clips/face5.mp4"
-    reference_path = ["--scheduler", "reference", "--pipeline", "sequential", "--backend", "reference",
-                      "--decoder-backend", "torch"]
-    frames, paths = {}, {}
-    for name, extra in (("default", []), ("reference", reference_path)):
-        out, report = tmp_path / f"{name}.mp4", tmp_path / f"{name}.json"
-        assert main(["run", str(src), "--audio", str(audio_path), "-o", str(out), "--report", str(report),
-                     *extra, *TINY]) == 0
-        frames[name], paths[name] = np.stack(list(VideoReader(out))), json.loads(report.read_text())["path"]
-    assert paths["default"]["scheduler"] == "static"
-    assert {k: paths["reference"][k] for k in ("scheduler", "pipeline", "attention", "decoder_backend")} == \
+    args, default_out, default_report, _ = default_run
+    out, report = tmp_path / "reference.mp4", tmp_path / "reference.json"
+    assert main(args[:4] + ["-o", str(out), "--report", str(report), "--scheduler", "reference", "--pipeline",
+                            "sequential", "--backend", "reference", "--decoder-backend", "torch", *TINY]) == 0
+    assert json.loads(default_report.read_text())["path"]["scheduler"] == "static"
+    path = json.loads(report.read_text())["path"]
+    assert {k: path[k] for k in ("scheduler", "pipeline", "attention", "decoder_backend")} == \
         {"scheduler": "reference", "pipeline": "sequential", "attention": "reference", "decoder_backend": "torch"}
-    n = clip_length_from_samples(speech.size).frames
-    assert len(frames["default"]) == len(frames["reference"]) == n == 21
-    assert np.array_equal(frames["default"], frames["reference"])
+    fast, reference = np.stack(list(VideoReader(default_out))), np.stack(list(VideoReader(out)))
+    assert len(fast) == len(reference) == clip_length_from_samples(short_speech[1].size).frames == 21
+    assert np.array_equal(fast, reference)
 
 
 def test_sigterm_before_the_first_frame_leaves_no_file(shared_dir, tmp_path):
