@@ -16,6 +16,7 @@ namespace {
 int error_line(const char *golden, const char *what) {
     std::string text(what);
     text = text.substr(0, text.find('\n'));
+    if (text.rfind(std::string(golden) + ": ", 0) == 0) text = text.substr(std::strlen(golden) + 2);
     std::fprintf(stderr, "lf_check_reference: %s: %s\n", golden, text.c_str());
     return 2;
 }

@@ -41,6 +41,21 @@ std::vector<double> numbers(const std::string &json, size_t at) {  // a [a, b, .
     return out;
 }
 
+std::string shape_text(c10::IntArrayRef sizes) {
+    std::string out = "[";
+    for (size_t i = 0; i < sizes.size(); i++) out += (i ? ", " : "") + std::to_string(sizes[i]);
+    return out + "]";
+}
+
+// `tensor` must have the shape `want` (-1: any size): the compiled packages read out of bounds otherwise.
+void expect_shape(const torch::Tensor &tensor, const std::vector<int64_t> &want, const char *name) {
+    bool ok = tensor.dim() == (int64_t)want.size();
+    for (size_t i = 0; ok && i < want.size(); i++) ok = want[i] < 0 || tensor.size((int64_t)i) == want[i];
+    if (!ok)
+        throw std::invalid_argument(std::string(name) + " has shape " + shape_text(tensor.sizes()) +
+                                    ", the packages were compiled for " + shape_text(want) + " (-1: any)");
+}
+
 }  // namespace
 
 AotConfig AotConfig::read(const std::string &path) {
@@ -55,6 +70,10 @@ AotConfig AotConfig::read(const std::string &path) {
     c.sink_frames = (int)number(json, "sink_frames");
     c.window_frames = (int)number(json, "window_frames");
     c.audio_dim = (int)number(json, "audio_dim");
+    c.latent_h = (int)number(json, "latent_h");
+    c.latent_w = (int)number(json, "latent_w");
+    c.text_len = (int)number(json, "text_len");
+    c.text_dim = (int)number(json, "text_dim");
     c.t_list = numbers(json, value_at(json, "t_list"));
     c.commit_t = number(json, "commit_t");
     for (size_t at = json.find("\"cached_frames\""); at != std::string::npos;
@@ -85,6 +104,11 @@ std::vector<int> Student::visible_frames(int start) const {
 
 void Student::start_clip(const torch::Tensor &text_context, const torch::Tensor &audio_emb,
                          const torch::Tensor &ref_latent, const torch::Tensor &mask_latent) {
+    const int64_t h = cfg_.latent_h, w = cfg_.latent_w;
+    expect_shape(text_context, {1, cfg_.text_len, cfg_.text_dim}, "text_context");
+    expect_shape(audio_emb, {1, -1, cfg_.audio_dim}, "audio_emb");
+    expect_shape(ref_latent, {1, 16, 1, h, w}, "ref_latent");
+    expect_shape(mask_latent, {1, 1, 1, h, w}, "mask_latent");
     std::vector<torch::Tensor> in{text_context.to(device_, torch::kFloat32).contiguous()};
     auto kv = text_->run(in);
     text_k_ = kv.at(0);
@@ -113,6 +137,15 @@ std::vector<torch::Tensor> Student::call(const torch::Tensor &x_in, double t, co
 ChunkResult Student::run_chunk(const torch::Tensor &masked, const torch::Tensor &ref_sequence,
                                const torch::Tensor &noise, const torch::Tensor &renoise) {
     const int c = cfg_.chunk_frames, s = next_frame_, tokens = cfg_.tokens_per_frame;
+    const std::vector<int64_t> chunk{1, 16, c, cfg_.latent_h, cfg_.latent_w};
+    expect_shape(masked, chunk, "masked_video");
+    expect_shape(ref_sequence, chunk, "ref_sequence");
+    expect_shape(noise, chunk, "noise");
+    expect_shape(renoise, chunk, "renoise");
+    const int64_t audio_needed = s == 0 ? 1 + 4 * (c - 1) : 4 * s - 3 + 4 * c;
+    if (audio_.size(1) < audio_needed)
+        throw std::invalid_argument("audio_emb has " + std::to_string(audio_.size(1)) + " frames, chunk " +
+                                    std::to_string(s / c) + " needs " + std::to_string(audio_needed));
     const double t0 = cfg_.t_list[0], t1 = cfg_.t_list[1];
     auto inputs = [&](const torch::Tensor &x) {  // the 65 channels (SPEC §3)
         return torch::cat({x, ref_latent_.expand({-1, -1, c, -1, -1}), mask_latent_.expand({-1, -1, c, -1, -1}),

@@ -32,7 +32,7 @@ struct ChunkResult {
 
 struct AotConfig {
     int layers = 0, heads = 0, head_dim = 0, tokens_per_frame = 0, chunk_frames = 3, sink_frames = 1,
-        window_frames = 7, audio_dim = 0;
+        window_frames = 7, audio_dim = 0, latent_h = 0, latent_w = 0, text_len = 0, text_dim = 0;
     std::vector<double> t_list;
     double commit_t = 0.0;
     std::vector<int> shapes;  // cached frames of each package (call_c<N>.pt2)
@@ -45,10 +45,11 @@ class Student {
     ~Student();
     const AotConfig &config() const { return cfg_; }
     // text_context [1, text_len, text_dim]; audio_emb [1, V, audio_dim] (V = 1 + 4(L - 1)); ref_latent
-    // [1, 16, 1, h, w]; mask_latent [1, 1, 1, h, w]
+    // [1, 16, 1, h, w]; mask_latent [1, 1, 1, h, w]. Shapes other than the packages' throw std::invalid_argument
+    // (the packages themselves do not check their inputs).
     void start_clip(const torch::Tensor &text_context, const torch::Tensor &audio_emb, const torch::Tensor &ref_latent,
                     const torch::Tensor &mask_latent);
-    // the next chunk: masked video, reference sequence, initial noise and re-noise, each [1, 16, 3, h, w]
+    // the next chunk: masked video, reference sequence, initial noise and re-noise, each [1, 16, 3, h, w] (checked)
     ChunkResult run_chunk(const torch::Tensor &masked, const torch::Tensor &ref_sequence, const torch::Tensor &noise,
                           const torch::Tensor &renoise);
     // frames before `start` that a chunk starting there attends to (window order)
