@@ -3,6 +3,7 @@
     python -m lipforcing.bench.parallel_check --ranks 2,4                       # tiny model, gloo on the CPU
     python -m lipforcing.bench.parallel_check --ranks 2 --model 14b --layers 1   # a 14B-wide block
     python -m lipforcing.bench.parallel_check --ranks 2 --device cuda            # NCCL, one GPU per rank
+    python -m lipforcing.bench.parallel_check --ranks 2 --scheduler static       # static buffers (graphs on CUDA)
 
 Each rank runs the streaming sampler with ``SequenceParallel`` (engine/dit/parallel.py) on the same seeded random
 weights and inputs; rank 0's x0 of every chunk is compared with one process's (relative L2 error: fp32 rounding,
@@ -40,6 +41,8 @@ class Spec:
     device: str = "cpu"
     dtype: str = "fp32"
     backend: str = "reference"
+    scheduler: str = "reference"
+    """reference (the eager sampler) or static (static buffers; CUDA graphs on CUDA)."""
     fail_rank: int | None = None
     fail_chunk: int | None = None
 
@@ -53,7 +56,8 @@ def _config(spec: Spec):
     if heads:
         changes.update(num_heads=heads, rope_pairs_thw=None)
     if spec.layers:
-        changes.update(num_layers=spec.layers, audio_blocks=tuple(b for b in cfg.audio_blocks if b < spec.layers) or (0,))
+        kept = tuple(b for b in cfg.audio_blocks if b < spec.layers) or (0,)
+        changes.update(num_layers=spec.layers, audio_blocks=kept)
     return cfg.replace(**changes)
 
 
@@ -77,18 +81,24 @@ def stream_x0(rank: int, world: int, spec: Spec) -> dict:
     ref, mask = torch.randn(1, 16, 1, *hw, generator=g), (torch.rand(1, 1, 1, *hw, generator=g) > 0.5).float()
     masked, ref_seq = torch.randn(1, 16, latents, *hw, generator=g), torch.randn(1, 16, latents, *hw, generator=g)
     parallel = SequenceParallel() if world > 1 else None
-    sampler = StreamingSampler(model, stream, backend=spec.backend, seed=spec.seed, parallel=parallel)
+    if spec.scheduler == "static":
+        from ..engine.runtime.static import StaticStudent
+
+        sampler = StaticStudent(model, stream, backend=spec.backend, seed=spec.seed, parallel=parallel)
+        sampler.warm_up(text)
+    else:
+        sampler = StreamingSampler(model, stream, backend=spec.backend, seed=spec.seed, parallel=parallel)
     sampler.start_clip(text, audio, ref, mask)
     x0, seconds = [], []
     for c in range(spec.chunks):
         if rank == spec.fail_rank and c == spec.fail_chunk:
             os._exit(3)  # vanish mid-stream, as a crashed or killed rank does
         began = time.perf_counter()
-        out = sampler.denoise_chunk(masked[:, :, 3 * c : 3 * c + 3], ref_seq[:, :, 3 * c : 3 * c + 3])
+        out = sampler.run_chunk(masked[:, :, 3 * c : 3 * c + 3], ref_seq[:, :, 3 * c : 3 * c + 3])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - began)
-        x0.append(out.x0.float().cpu())
+        x0.append(out.float().cpu())
     timed = seconds[1:] or seconds
     return {"x0": torch.cat(x0, 2) if rank == 0 else None, "chunk_s": sum(timed) / len(timed),
             "cache_heads": sampler.cache.k.shape[-2]}
@@ -125,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on a CPU")
     p.add_argument("--backend", default="reference")
+    p.add_argument("--scheduler", default="reference", choices=["reference", "static"])
     args = p.parse_args(argv)
     spec = Spec(model=args.model, layers=args.layers, latent=args.latent, chunks=args.chunks, device=args.device,
-                dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"), backend=args.backend)
+                dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"), backend=args.backend,
+                scheduler=args.scheduler)
     document = check(spec, [int(n) for n in args.ranks.split(",")])
     print(json.dumps(document))
     return 1 if document["failures"] else 0

@@ -331,7 +331,8 @@ def _check_inputs(q, k_live, v_live, k_cache, v_cache, q_frame_pos, cache_frame_
                 raise ValueError(f"{name} must be float32 [B={b}, Fc={frames}, H={h}] on {q.device}, "
                                  f"got {t.dtype} {tuple(t.shape)} on {t.device}")
         if k_scale.stride() != v_scale.stride():
-            raise ValueError(f"k_scale and v_scale must have the same strides ({k_scale.stride()} vs {v_scale.stride()})")
+            raise ValueError(f"k_scale and v_scale must have the same strides "
+                             f"({k_scale.stride()} vs {v_scale.stride()})")
     for name, t in (("q", q), ("k_live", k_live), ("v_live", v_live), ("k_cache", k_cache), ("v_cache", v_cache)):
         expected = cache_dtype if name.endswith("cache") else q.dtype
         if t.dtype != expected:

@@ -230,6 +230,7 @@ class SinkWindowCache:
             frames.copy_(stored[layer][:, :n])
             if self.scales is not None:
                 frames.mul_(self.scales[which, layer][:, :n, None, :, None])
+
     def write_layer(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """The commit of one layer, after its attention read the old layout: move the kept cached frames left
         and store the chunk's kept frames. k, v: [B, chunk_frames * tokens, H, D], the chunk's raw K/V."""

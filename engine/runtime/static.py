@@ -42,8 +42,9 @@ import torch
 
 from ..dit.attention import RopeTable, StreamingAttention, resolve_backend
 from ..dit.cache import ChunkPlan, SinkWindowCache, plan_chunk, window_shape_plans
-from ..dit.config import StreamConfig
+from ..dit.config import StreamConfig, tokens_per_frame
 from ..dit.model import CausalWanStudent
+from ..dit.parallel import SequenceParallel, SequenceParallelAttention
 from ..errors import ConfigError
 from .sampler import flow_step
 
@@ -96,6 +97,7 @@ class StaticStudent:
         cuda_graphs: bool | None = None,
         compile: bool = False,
         compile_backend: str = "inductor",
+        parallel: SequenceParallel | None = None,
     ) -> None:
         cfg = model.cfg
         if slots < 1:
@@ -111,7 +113,14 @@ class StaticStudent:
                  self.backend, self.cuda_graphs, compile)
         c, h, w, dev = stream.chunk_frames, stream.latent_h, stream.latent_w, self.device
         lat = (slots, cfg.out_dim, c, h, w)
-        self.cache = SinkWindowCache(cfg, stream, batch=slots, device=dev, dtype=model.dtype, kv_fp8=model.fp8)
+        # parallel: this process is one rank of the streams; its cache holds num_heads / N heads (dit/parallel.py)
+        self.parallel = parallel
+        heads = cfg.num_heads
+        if parallel is not None:
+            parallel.check(cfg.num_heads, tokens_per_frame(cfg, stream))
+            heads //= parallel.size
+        self.cache = SinkWindowCache(cfg, stream, batch=slots, device=dev, dtype=model.dtype, kv_fp8=model.fp8,
+                                     heads=heads)
         self.rope = RopeTable(cfg, stream, dev)
         self.x_in = torch.zeros(slots, cfg.in_dim, c, h, w, device=dev)  # [S, 65, C, h, w]
         self.noise = torch.zeros(lat, device=dev)
@@ -429,14 +438,20 @@ class StaticStudent:
         e, e0 = self.modulations[step]
         if self.compile:
             return self._compiled_call(plan, rows, write, tokens)(rows.x_in, e, e0, rows.codes)
+        return self.model.forward_static(rows.x_in, e, e0, rows.codes, rows.text_kv, self._context(rows, plan, write),
+                                         tokens=tokens)
+
+    def _context(self, rows: _Rows, plan: ChunkPlan, write: bool):
         ctx = StreamingAttention(rows.cache, plan, self.rope, write=write, backend=self.backend)
-        return self.model.forward_static(rows.x_in, e, e0, rows.codes, rows.text_kv, ctx, tokens=tokens)
+        if self.parallel is not None:
+            ctx = SequenceParallelAttention(ctx, self.parallel, self.cache.tokens_per_frame)
+        return ctx
 
     def _compiled_call(self, plan: ChunkPlan, rows: _Rows, write: bool, tokens: bool) -> Callable:
         """The network call for these rows, window shape and call kind under torch.compile (made once)."""
         key = (rows.start, rows.count, plan.shape_key, write, tokens)
         if key not in self._compiled:
-            ctx = StreamingAttention(rows.cache, plan, self.rope, write=write, backend=self.backend)
+            ctx = self._context(rows, plan, write)
             model, text_kv = self.model, rows.text_kv
 
             def call(x_in, e, e0, codes):

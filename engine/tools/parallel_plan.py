@@ -141,7 +141,7 @@ def split_memory(plan: dict, ranks: int) -> dict:
     student = {"student weights", "KV cache", "text K/V", "scheduler buffers", "time and RoPE tables", "graph pool"}
     saved = sum(items[k]["bytes"] for k in split if k in items) * (ranks - 1) // ranks
     others = sum(items[k]["bytes"] // (ranks if k in split else 1) for k in student if k in items)
-    others += max(items.get("student text weights", {}).get("bytes", 0), items.get("clip conditioning", {}).get("bytes", 0))
+    others += max(items.get(k, {}).get("bytes", 0) for k in ("student text weights", "clip conditioning"))
     return {"ranks": ranks, "rank0_bytes": plan["total_bytes"] - saved, "other_rank_bytes": others,
             "one_gpu_bytes": plan["total_bytes"]}
 
@@ -155,7 +155,8 @@ def format_table(rows: list[SchemeRow]) -> str:
             lines.append(f"| {r.model} | {r.scheme} | {r.ranks} | n/a: {r.ranks} GPUs do not split the work evenly "
                          "| | | | | | |")
             continue
-        lines.append(f"| {r.model} | {r.scheme} | {r.ranks} | {r.compute_ms:.1f} | {r.comm_mb:,.0f} | {r.comm_ms:.1f} | "
+        lines.append(f"| {r.model} | {r.scheme} | {r.ranks} | {r.compute_ms:.1f} | {r.comm_mb:,.0f} | "
+                     f"{r.comm_ms:.1f} | "
                      f"{r.chunk_ms_serial:.1f} / {r.chunk_ms_overlapped:.1f} | {r.fps_serial:.1f} / "
                      f"{r.fps_overlapped:.1f} | {r.weights_gb:.1f} | {r.kv_cache_gb:.2f} |")
     return "\n".join(lines)

@@ -16,10 +16,10 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_clip
 
+from conftest import random_clip
 from lipforcing.engine.dit.build import random_student
-from lipforcing.engine.dit.cache import SinkWindowCache, plan_chunk
+from lipforcing.engine.dit.cache import SinkWindowCache
 from lipforcing.engine.dit.checkpoint import load_student
 from lipforcing.engine.dit.config import ModelConfig, StreamConfig
 from lipforcing.engine.dit.fp8 import BLOCK_LINEAR, E4M3, E4M3_MAX, Fp8Linear, quantize, to_fp8

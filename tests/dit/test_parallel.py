@@ -19,6 +19,12 @@ def test_two_and_four_ranks_give_one_process_x0_on_the_tiny_model():
         assert document["ranks"][n]["cache_heads_per_rank"] == heads  # the tiny model's 4 heads, split
 
 
+def test_the_static_scheduler_runs_on_two_ranks():
+    """Static buffers (CUDA graphs on CUDA) on each rank, against the same scheduler in one process."""
+    document = check(Spec(model="tiny", chunks=3, scheduler="static"), [2])
+    assert document["failures"] == [] and document["ranks"]["2"]["rel_err"] < 1e-6
+
+
 def test_two_ranks_give_one_process_x0_on_a_14b_wide_block():
     document = check(Spec(model="14b", layers=1, latent=4, chunks=2), [2])  # dim 5120, 40 heads
     assert document["failures"] == [] and document["ranks"]["2"]["rel_err"] < 1e-6
