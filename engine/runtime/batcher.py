@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -86,9 +87,11 @@ class StudentBatcher:
                     self._cond.wait()
                 if self._closed and not self._pending:
                     return
-            if self.gather_s:
-                with self._cond:  # give the other sessions' requests of this round a moment to arrive
-                    self._cond.wait(self.gather_s)
+            if self.gather_s:  # give the other sessions' requests of this round the whole moment to arrive
+                deadline = time.monotonic() + self.gather_s
+                with self._cond:  # (each arrival notifies: one wait() would end at the second request)
+                    while not self._closed and (left := deadline - time.monotonic()) > 0:
+                        self._cond.wait(left)
             with self._cond:
                 batch, self._pending = self._pending, []
             self._run(batch)

@@ -115,3 +115,28 @@ def test_the_batcher_serves_sessions_from_several_threads(model, monkeypatch):
         assert rel_error(got, want) < 1e-5
     assert batcher.batches[0] == 3  # the three first chunks ran as one call
     assert sum(batcher.batches) == 3 * CHUNKS
+
+
+def test_a_round_gathers_for_its_whole_window():
+    """Requests arriving one after another inside ``gather_s`` all join the round: each arrival wakes the batcher,
+    which must go on waiting until the window ends (it once ran the round at the second request)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from lipforcing.engine.runtime.batcher import StudentBatcher, _Request
+
+    rounds = []
+    batcher = StudentBatcher(SimpleNamespace(device=torch.device("cpu")), gather_s=1.0)
+    batcher._run = lambda requests: (rounds.append(len(requests)), [r.done.set() for r in requests])
+
+    def ask():
+        batcher._call(_Request(slot=None, kind="chunk"))
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in threads:  # 0.1 s apart: well inside the 1 s window, far apart for the scheduler
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert rounds == [3]
