@@ -186,3 +186,17 @@ def test_14b_in_fp8_fits_a_24_gb_card_and_its_plan_is_the_meta_arithmetic():
     assert items["KV cache"] == values + 4 * 2 * cfg.num_layers * capacity * cfg.num_heads
     bf16_weights = 2 * sum(p.numel() for p in model.parameters() if id(p) not in text)
     assert bf16_weights > 24e9  # what fp8 makes fit: the bf16 weights alone would not
+
+
+def test_swapping_two_sessions_rows_moves_their_e4m3_values_and_scales():
+    """The static scheduler keeps steady sessions in the front rows by swapping rows: an e4m3 cache's scales
+    must travel with its values."""
+    student = StaticStudent(random_student(CFG, seed=2, fp8=True), STREAM, slots=2, backend="reference", seed=7,
+                            cuda_graphs=False)
+    cache = student.cache
+    for row, value in ((0, 1.0), (1, 2.0)):
+        cache.k[:, row] = torch.full_like(cache.k[:, row], value, dtype=torch.float32).to(E4M3)
+        cache.scales[:, :, row] = value * 10
+    student._swap(0, 1)
+    assert torch.equal(cache.k[:, 0].float(), torch.full(cache.k[:, 0].shape, 2.0))
+    assert (cache.scales[:, :, 0] == 20).all() and (cache.scales[:, :, 1] == 10).all()
