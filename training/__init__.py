@@ -17,3 +17,27 @@ It builds on the DiT core (the same ``CausalWanStudent``, called through ``engin
 block-causal and bidirectional full-sequence forwards, and through the streaming attention for stage 2's rollout),
 the codecs, the media layer, the quality metrics and the tools; never on the application layer.
 """
+
+import logging
+from pathlib import Path
+
+
+def kernels_shadowed() -> str | None:
+    """A one-line diagnosis when the top-level name ``kernels`` resolves to this checkout's ``kernels/`` folder (the
+    checkout's root is on sys.path: Python started there without PYTHONSAFEPATH), which hides the PyPI package
+    ``kernels`` that peft's imports (through transformers) reach; None when it does not."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("kernels")
+    except (ImportError, ValueError):
+        return None
+    ours = Path(__file__).resolve().parent.parent / "kernels"
+    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != ours:
+        return None
+    return (f"the checkout's {ours}/ shadows the PyPI package 'kernels' that peft imports: run with "
+            "PYTHONSAFEPATH=1, or from another folder")
+
+
+if kernels_shadowed():  # said at import, before a LoRA run fails on it
+    logging.getLogger("lipforcing").warning(kernels_shadowed())

@@ -29,6 +29,7 @@ from ..engine.dit.checkpoint import load_student
 from ..engine.dit.config import ModelConfig
 from ..engine.dit.model import CausalWanStudent
 from ..engine.errors import ConfigError
+from . import kernels_shadowed
 from .config import LoraConfig
 
 ADAPTER = "default"
@@ -63,8 +64,12 @@ def add_lora(model: CausalWanStudent, lora: LoraConfig, *, seed: int = 0) -> Cau
     try:
         from peft import LoraConfig as PeftLoraConfig
         from peft import inject_adapter_in_model
-    except ImportError:
-        raise ConfigError("LoRA training needs peft: pip install 'lipforcing[train]'") from None
+    except ImportError as exc:
+        if kernels_shadowed():
+            raise ConfigError(f"peft failed to import ({exc}): {kernels_shadowed()}") from None
+        if getattr(exc, "name", None) == "peft":
+            raise ConfigError("LoRA training needs peft: pip install 'lipforcing[train]'") from None
+        raise ConfigError(f"peft is installed but failed to import: {exc}") from None
     config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
                             target_modules=_target_regex(lora), bias="none")
     with torch.random.fork_rng(devices=[]):
@@ -110,6 +115,23 @@ def load_adapter(model: CausalWanStudent, adapter: dict[str, torch.Tensor], sour
             weight.copy_(value.to(weight.dtype))
 
 
+def _merged_network(preset: str, base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], lora: LoraConfig,
+                    device, source: str) -> CausalWanStudent:
+    """The network of base weights with an adapter merged in: W + (lora.alpha / r) B A, r the adapter's rank."""
+    from ..engine.dit.checkpoint import load_into
+
+    merged = dict(base)
+    for key in adapter:
+        if key.endswith(".lora_A"):
+            name = key[: -len(".lora_A")]
+            a, b = adapter[key].double(), adapter[f"{name}.lora_B"].double()  # [r, in], [out, r]
+            w = merged[f"{name}.weight"]
+            merged[f"{name}.weight"] = (w.double() + lora.alpha / a.shape[0] * (b @ a)).to(w.dtype)
+    with torch.device("meta"):
+        model = CausalWanStudent(ModelConfig.from_name(preset))
+    return load_into(model, merged, device=device, dtype=torch.float32, source=source).train()
+
+
 def trainable_network(preset: str, init: str | Path | None, lora: LoraConfig, *, seed: int,
                       device: torch.device | str = "cpu") -> CausalWanStudent:
     """A network as a run trains it: ``build_network`` then LoRA (``lora.enabled``) or every parameter trained.
@@ -118,10 +140,12 @@ def trainable_network(preset: str, init: str | Path | None, lora: LoraConfig, *,
     fit either."""
     if not lora.enabled:
         return build_network(preset, init, seed=seed, device=device).requires_grad_(True)
-    if lora.init == "continue" and init is not None:
+    if init is not None:
         from ..engine.dit.checkpoint import load_into, read_state_dict
 
         base, adapter = split_adapter(read_state_dict(init))
+        if adapter and lora.init == "fresh":
+            return add_lora(_merged_network(preset, base, adapter, lora, device, str(init)), lora, seed=seed)
         if adapter:
             with torch.device("meta"):
                 model = CausalWanStudent(ModelConfig.from_name(preset))
@@ -129,7 +153,8 @@ def trainable_network(preset: str, init: str | Path | None, lora: LoraConfig, *,
             model = add_lora(model.train(), lora, seed=seed)
             load_adapter(model, adapter, str(init))
             return model
-        log.info("%s carries no LoRA adapter: a fresh one (B = 0) starts on its weights", init)
+        if lora.init == "continue":
+            log.info("%s carries no LoRA adapter: a fresh one (B = 0) starts on its weights", init)
     return add_lora(build_network(preset, init, seed=seed, device=device), lora, seed=seed)
 
 

@@ -276,6 +276,10 @@ class TrainRun:
             record.update({k: float(v) / cfg.batch for k, v in zip(infos, sums[1:])})
         for phase in phases:
             net = self.objective.trained[phase]
+            # FSDP2 leaves a root group unsharded after a forward without backward (the student phase's no-grad
+            # critic call): its module then lists the unsharded parameters, not the sharded ones that hold the
+            # gradients and that the optimiser steps, and clipping would miss them
+            net.reshard()
             clip = cfg.grad_clip if phase != "critic" or cfg.clip_critic else math.inf
             norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], clip)
             record[f"{phase}_grad_norm"] = float(_full(norm))
@@ -299,6 +303,7 @@ class TrainRun:
         student = self.objective.trained.get("student") or self.objective.trained["teacher"]
         losses = copy_losses(student, self.stream, batch, other.latents, self.cfg,
                              SampleRandom(self.cfg.seed, step, 3, slots, self.procs.device))
+        student.reshard()  # as after the phases: the sharded parameters registered again
         values = torch.tensor([float(v.mean()) for v in losses.values()], dtype=torch.float64)
         dist.all_reduce(values)
         values /= self.procs.world

@@ -36,3 +36,26 @@ def tiny_data(tiny_data_sources: list[Path], tiny_data_settings, tmp_path_factor
     out = tmp_path_factory.mktemp("train-data") / "tiny"
     prepare_data(tiny_data_sources, out, tiny_data_settings, progress=False)
     return out
+
+
+@pytest.fixture
+def make_dmd():
+    """A factory of stage 2's objective on plain (unsharded) tiny networks: ``make_dmd(data_dir, **overrides)`` ->
+    (SelfForcingDMD with a LoRA student and critic and a frozen teacher, TrainData)."""
+    pytest.importorskip("peft")
+    from lipforcing.engine.dit.config import StreamConfig
+    from lipforcing.training.config import train_config
+    from lipforcing.training.data import TrainData
+    from lipforcing.training.networks import add_lora, build_network
+    from lipforcing.training.stage2 import SelfForcingDMD
+
+    def make(data_dir: Path, **overrides):
+        cfg = train_config("stage2", "tiny", overrides)
+        data = TrainData(data_dir)
+        stream = StreamConfig(latent_h=data.settings["latent_h"], latent_w=data.settings["latent_w"])
+        student = add_lora(build_network("tiny", None, seed=0), cfg.lora)
+        teacher = build_network("tiny", None, seed=1).requires_grad_(False)
+        critic = add_lora(build_network("tiny", None, seed=1), cfg.lora)
+        return SelfForcingDMD(cfg, student, teacher, critic, stream), data
+
+    return make

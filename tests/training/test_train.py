@@ -29,22 +29,6 @@ def _run(stage: str, data: Path, out: Path, inits: Inits | None = None, **overri
     return TrainRun(train_config(stage, "tiny", overrides), data, out, inits=inits or Inits(), progress=False)
 
 
-def _dmd(data_dir: Path, **overrides):
-    """Stage 2's objective on plain (unsharded) tiny networks: student and critic with LoRA, a frozen teacher."""
-    from lipforcing.engine.dit.config import StreamConfig
-    from lipforcing.training.data import TrainData
-    from lipforcing.training.networks import add_lora, build_network
-    from lipforcing.training.stage2 import SelfForcingDMD
-
-    cfg = train_config("stage2", "tiny", overrides)
-    data = TrainData(data_dir)
-    stream = StreamConfig(latent_h=data.settings["latent_h"], latent_w=data.settings["latent_w"])
-    student = add_lora(build_network("tiny", None, seed=0), cfg.lora)
-    teacher = build_network("tiny", None, seed=1).requires_grad_(False)
-    critic = add_lora(build_network("tiny", None, seed=1), cfg.lora)
-    return SelfForcingDMD(cfg, student, teacher, critic, stream), data
-
-
 def _held_out_loss(run: TrainRun) -> float:
     """Stage-1 loss on every clip with fixed draws and the streaming (7, 1) mask."""
     obj = run.objective
@@ -120,11 +104,11 @@ def test_a_different_run_in_the_same_folder_is_refused(tiny_data, tmp_path):
         _run("stage1", tiny_data, tmp_path / "run", steps=2, lr=0.5)
 
 
-def test_stage2_rollout_is_the_inference_loop(tiny_data):
+def test_stage2_rollout_is_the_inference_loop(tiny_data, make_dmd):
     """With exit step 1 the rollout is the 2-step streaming sampler of inference (same noise)."""
     from lipforcing.engine.runtime.sampler import StreamingSampler
 
-    obj, data = _dmd(tiny_data)
+    obj, data = make_dmd(tiny_data)
     batch = TrainBatch.from_clips(data.batch([0]), data, "cpu")
     with torch.no_grad():
         rolled = obj.rollout(batch, SampleRandom(7, 0, 0, [0]), grad=False, exit_step=1)
@@ -207,8 +191,8 @@ def test_guidance_band_and_teacher_target():
     assert rel_error(gen.grad, expected) < TOLERANCE[torch.float32]
 
 
-def test_teacher_guidance_uses_the_unconditional_branch_inside_the_band(tiny_data):
-    obj, data = _dmd(tiny_data)
+def test_teacher_guidance_uses_the_unconditional_branch_inside_the_band(tiny_data, make_dmd):
+    obj, data = make_dmd(tiny_data)
     batch = TrainBatch.from_clips(data.batch([0]), data, "cpu")
     x_t = torch.randn(1, 16, 21, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -220,10 +204,10 @@ def test_teacher_guidance_uses_the_unconditional_branch_inside_the_band(tiny_dat
         assert torch.equal(obj.teacher_x0(batch, x_t, outside), obj._x0(obj.teacher, batch, x_t, outside))
 
 
-def test_stage2_gradients_with_checkpointing_equal_without(tiny_data):
+def test_stage2_gradients_with_checkpointing_equal_without(tiny_data, make_dmd):
     """Activation checkpointing recomputes a chunk's call after later commits rewrote the cache: the call must read
     the cache as the chunk saw it."""
-    obj, data = _dmd(tiny_data)
+    obj, data = make_dmd(tiny_data)
     batch = TrainBatch.from_clips(data.batch([0]), data, "cpu")
     grads = []
     for checkpointing in (False, True):
