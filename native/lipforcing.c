@@ -627,7 +627,8 @@ static int pop_once(lf_session *session, lf_frame *out, double timeout_s, uint8_
     }
     if (result) {
         long long index = 0;
-        const char *bytes = NULL;
+        PyObject *array = NULL;
+        Py_buffer view;
         Py_ssize_t size = 0;
         int width = 0, height = 0;
         if (result == Py_None) {
@@ -637,18 +638,23 @@ static int pop_once(lf_session *session, lf_frame *out, double timeout_s, uint8_
         } else if (buffer) {
             if (!PyArg_ParseTuple(result, "Lii", &index, &width, &height)) status = python_failure();
             else *out = (lf_frame){buffer, width, height, stride, index};
-        } else if (!PyArg_ParseTuple(result, "Ly#ii", &index, &bytes, &size, &width, &height)) {
+        } else if (!PyArg_ParseTuple(result, "LOii", &index, &array, &width, &height) ||
+                   PyObject_GetBuffer(array, &view, PyBUF_C_CONTIGUOUS) < 0) {
             status = python_failure();
-        } else if (size != (Py_ssize_t)width * height * 3) {
-            status = fail(LF_ERR_INTERNAL, "lf_pop_frame: a frame of %zd bytes is not %dx%dx3", size, width, height);
-        } else {
-            uint8_t *data = (uint8_t *)malloc((size_t)size);
-            if (!data) {
-                status = fail(LF_ERR_INTERNAL, "lf_pop_frame: out of memory for a %dx%d frame", width, height);
+        } else { /* the frame's own memory, copied once into the caller's frame */
+            size = view.len;
+            if (size != (Py_ssize_t)width * height * 3) {
+                status = fail(LF_ERR_INTERNAL, "lf_pop_frame: a frame of %zd bytes is not %dx%dx3", size, width, height);
             } else {
-                memcpy(data, bytes, (size_t)size);
-                *out = (lf_frame){data, width, height, (size_t)width * 3, index};
+                uint8_t *data = (uint8_t *)malloc((size_t)size);
+                if (!data) {
+                    status = fail(LF_ERR_INTERNAL, "lf_pop_frame: out of memory for a %dx%d frame", width, height);
+                } else {
+                    memcpy(data, view.buf, (size_t)size);
+                    *out = (lf_frame){data, width, height, (size_t)width * 3, index};
+                }
             }
+            PyBuffer_Release(&view);
         }
         Py_DECREF(result);
     }

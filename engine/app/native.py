@@ -9,7 +9,7 @@ them.
     s = NativeSession({"model": "tiny", "device": "cpu"})
     s.push_speech(float32_bytes, 16000); s.end_speech()        # the whole clip (or live=1: as it is spoken)
     s.push_frame(rgb_bytes, width, height, stride)              # any size; frames come out at the source size
-    s.pop(timeout_s) -> (index, rgb_bytes, width, height) | None (none yet) | "end" (closed and drained)
+    s.pop(timeout_s) -> (index, rgb [H, W, 3] uint8, width, height) | None (none yet) | "end" (closed and drained)
     s.pop_into(view, stride, timeout_s) -> (index, width, height) | None | "end"   # into the caller's buffer
     s.close()                                                   # flush: the rest becomes poppable
 
@@ -188,8 +188,8 @@ class NativeSession:
                 self._take(self._session.pop(max(0.0, timeout)))
             if self._out:
                 index, frame = self._out.popleft()
-                frame = np.ascontiguousarray(frame, np.uint8)
-                return index, frame.tobytes(), frame.shape[1], frame.shape[0]
+                frame = np.ascontiguousarray(frame, np.uint8)  # [H, W, 3]: the C side copies it once, from its buffer
+                return index, frame, frame.shape[1], frame.shape[0]
             return "end" if self._finished else None
 
     def pop_into(self, buffer: memoryview, stride: int, timeout: float):
