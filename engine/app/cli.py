@@ -280,6 +280,7 @@ def engine_config(args: argparse.Namespace):
         scheduler=args.scheduler, pipeline=args.pipeline or "", cuda_graphs=False if args.no_cuda_graphs else None,
         decoder_backend=args.decoder_backend, compiled=args.compiled, compile=args.compile, face_box=box,
         face_backend=args.face_backend, mask=args.mask, require_face=args.require_face, seed=args.seed,
+        gpus=getattr(args, "gpus", 1),
     )
     weights = Weights(ckpt=args.ckpt, vae=args.vae, taehv=args.taehv, wav2vec=args.wav2vec,
                       text_embeds=args.text_embeds)
@@ -300,6 +301,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, metavar="JSON", help="write the run summary (path, times) here")
     p.add_argument("--timing", action="store_true", help="measure the time of every stage (in the summary)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="run the student on this many ranks, one stream (sequence parallel; one GPU each, or CPU "
+                        "processes); see `lipforcing info --gpus N`")
     add_engine_options(p)
     p.set_defaults(run=_run)
 
@@ -315,11 +319,37 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--audio-context applies with --audio-lookahead")
     avatar = Avatar.load(args.avatar) if args.avatar else None
     cfg, weights = engine_config(args)
+    if cfg.gpus > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # spawn the ranks; this run continues as their rank 0 (ranked.py)
+            return _run_on_ranks(args, cfg)
+        from .ranked import rank_config
+
+        cfg = rank_config(cfg, dist.get_rank())
     engine = build_engine(cfg, weights)
-    summary = run_video(args.video, args.audio, args.output, engine, avatar=avatar, lookahead=args.audio_lookahead,
-                        context=args.audio_context, progress=not args.quiet, timing=args.timing, report=args.report)
+    try:
+        summary = run_video(args.video, args.audio, args.output, engine, avatar=avatar,
+                            lookahead=args.audio_lookahead, context=args.audio_context, progress=not args.quiet,
+                            timing=args.timing, report=args.report)
+    finally:
+        engine.close()
     print(format_summary(summary))
     return 0
+
+
+def _run_on_ranks(args: argparse.Namespace, cfg) -> int:
+    """``run --gpus N``: N spawned ranks (gloo on a CPU, NCCL on GPUs: one each), rank 0 running this command."""
+    from ..runtime.ranks import launch_ranks
+    from .ranked import run_rank
+
+    cuda = cfg.device.startswith("cuda")
+    if cuda:
+        import torch
+
+        if torch.cuda.device_count() < cfg.gpus:
+            raise ConfigError(f"--gpus {cfg.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return launch_ranks(run_rank, cfg.gpus, (args.argv,), backend="nccl" if cuda else "gloo", timeout_s=600)[0]
 
 
 @command("prepare-avatar", "align and encode a talking-head video once, for sessions that skip both")
@@ -706,6 +736,7 @@ def _quiet_third_parties(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what spawned ranks parse again (run --gpus)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("lipforcing").setLevel(logging.INFO if args.verbose else logging.WARNING)
     _quiet_third_parties(args.verbose)

@@ -107,6 +107,9 @@ class RunConfig:
     """Seed of the sampler's noise (and of the tiny model's random weights)."""
     max_sessions: int = 1
     """Sessions that may run at once on the engine's weights (their student calls are batched)."""
+    gpus: int = 1
+    """Ranks one stream's student runs on (sequence parallel, dit/parallel.py); above 1 the engine is built inside
+    rank 0 of an initialised torch.distributed group (``lipforcing run --gpus N`` spawns the ranks)."""
 
     def __post_init__(self) -> None:
         if not self.device:
@@ -121,6 +124,10 @@ class RunConfig:
             raise ConfigError(f"max_sessions must be at least 1, got {self.max_sessions}")
         if self.max_sessions > 1 and self.scheduler != "static":
             raise ConfigError("several sessions at once need the static scheduler")
+        if self.gpus < 1:
+            raise ConfigError(f"gpus must be at least 1, got {self.gpus}")
+        if self.gpus > 1 and self.max_sessions > 1:
+            raise ConfigError("one stream on several GPUs runs one session per engine (max_sessions 1)")
         if self.compile and self.scheduler != "static":
             raise ConfigError("--compile needs the static scheduler")
         if self.cuda_graphs and (self.scheduler != "static" or not self.device.startswith("cuda")):
@@ -269,12 +276,11 @@ class Engine:
         self.device = device = torch.device(config.device)
         persist_triton_autotuning()
         self.stream = StreamConfig.for_resolution(FACE_SIZE, FACE_SIZE)
-        if config.scheduler == "static":
-            self.student = StaticStudent(networks.student, self.stream, slots=config.max_sessions,
-                                         backend=config.backend, seed=config.seed, cuda_graphs=config.cuda_graphs,
-                                         compile=config.compile)
-        else:
-            self.student = StreamingSampler(networks.student, self.stream, backend=config.backend, seed=config.seed)
+        self.student = make_student(config, networks.student)
+        if config.gpus > 1:  # rank 0 of the stream's ranks: every student call goes to the others too
+            from .ranked import RankedStudent
+
+            self.student = RankedStudent(self.student)
         self.batcher = None
         if config.max_sessions > 1:
             from ..runtime.batcher import StudentBatcher
@@ -367,6 +373,7 @@ class Engine:
             "device": str(self.device),
             "model": self.config.model,
             "max_sessions": self.config.max_sessions,
+            "gpus": self.config.gpus,
             "dtype": self.config.dtype if self.config.model != "tiny" or self.config.dtype == "fp8" else "fp32",
             "kv_cache": str(student.cache.k.dtype).removeprefix("torch."),
         }
@@ -417,13 +424,33 @@ class Engine:
                        context=DEFAULT_CONTEXT_S if context is None else context, avatar=avatar)
 
     def close(self) -> None:
-        """Stop the engine's worker thread (several sessions); its sessions must have ended."""
+        """Stop the engine's worker thread (several sessions) and, with several GPUs, the other ranks' students;
+        its sessions must have ended."""
         if self.batcher is not None:
             self.batcher.shutdown()
+        if hasattr(self.student, "stop"):
+            self.student.stop()
 
     def release_audio_encoder(self) -> None:
         """Free wav2vec2 (it is loaded again by the next session)."""
         self.networks.audio.release()
+
+
+def make_student(config: RunConfig, model: CausalWanStudent):
+    """The scheduler around the student: StaticStudent or the reference StreamingSampler; with ``gpus`` above 1
+    this process's share of the stream (the default torch.distributed group must be initialised)."""
+    stream = StreamConfig.for_resolution(FACE_SIZE, FACE_SIZE)
+    parallel = None
+    if config.gpus > 1:
+        from ..dit.parallel import SequenceParallel
+
+        parallel = SequenceParallel()
+        if parallel.size != config.gpus:
+            raise ConfigError(f"gpus is {config.gpus} but the process group has {parallel.size} ranks")
+    if config.scheduler == "static":
+        return StaticStudent(model, stream, slots=config.max_sessions, backend=config.backend, seed=config.seed,
+                             cuda_graphs=config.cuda_graphs, compile=config.compile, parallel=parallel)
+    return StreamingSampler(model, stream, backend=config.backend, seed=config.seed, parallel=parallel)
 
 
 def build_engine(cfg: RunConfig, weights: Weights = Weights()) -> Engine:

@@ -106,7 +106,10 @@ def launch_ranks(target: Callable, world: int, args: tuple = (), *, backend: str
         for p in procs:
             p.join(timeout=0 if deadline < float("inf") else grace_s)
             if p.is_alive():
-                p.terminate()
+                p.terminate()  # SIGTERM: a rank that handles it (run's rank 0) finishes or removes its output
+                p.join(timeout=15)
+            if p.is_alive():
+                p.kill()
                 p.join(timeout=5)
     # A rank gone without a word (killed, crashed, os._exit) is the cause; the others' errors follow from it.
     silent = [r for r, p in enumerate(procs) if r not in values and r not in reported and p.exitcode not in (None, 0)]

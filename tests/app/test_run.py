@@ -193,7 +193,7 @@ def test_report_names_the_path_that_ran(default_run, short_speech, tmp_path):
         "scheduler": "static", "pipeline": "sequential", "device_streams": False, "cuda_graphs": False,
         "attention": "reference", "compile": False, "encoder": "taehv", "decoder": "taehv",
         "decoder_backend": "torch", "device": "cpu", "model": "tiny", "dtype": "fp32", "kv_cache": "float32",
-        "max_sessions": 1, "face": "mediapipe",
+        "max_sessions": 1, "gpus": 1, "face": "mediapipe",
     }
     assert {"face alignment", "encode", "student", "decode", "paste-back"} <= set(summary["stage_seconds"])
     assert set(summary["fields"]) >= {"fps", "path", "stage_seconds"}
@@ -296,3 +296,17 @@ def test_interrupted_run_leaves_a_valid_file_or_none(shared_dir, tmp_path, sig):
     text = err.decode()
     for noise in ("W0000", "Feedback manager", "XNNPACK", "landmark_projection"):
         assert noise not in text, text
+
+
+def test_run_on_two_ranks_writes_one_process_frames(default_run, tmp_path):
+    """``lipforcing run --gpus 2`` on a CPU: two gloo ranks share the student (sequence parallel, rank 0 runs
+    the session) and write the frames one process writes (x0 agrees to fp32 rounding, so the decoded frames
+    differ by at most one level where a value sits on a rounding edge)."""
+    args, default_out, _, _ = default_run
+    out, report = tmp_path / "two.mp4", tmp_path / "two.json"
+    assert main(args[:4] + ["-o", str(out), "--report", str(report), "--gpus", "2", *TINY]) == 0
+    assert json.loads(report.read_text())["path"]["gpus"] == 2
+    one, two = np.stack(list(VideoReader(default_out))), np.stack(list(VideoReader(out)))
+    assert one.shape == two.shape
+    diff = np.abs(one.astype(int) - two.astype(int))
+    assert diff.max() <= 2 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())

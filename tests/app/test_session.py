@@ -121,7 +121,7 @@ def test_build_engine_reports_the_path():
     assert engine.path == {
         "scheduler": "static", "pipeline": "sequential", "device_streams": False, "cuda_graphs": False,
         "attention": "reference", "compile": False, "encoder": "taehv", "decoder": "taehv", "decoder_backend": "torch",
-        "device": "cpu", "model": "tiny", "dtype": "fp32", "kv_cache": "float32", "max_sessions": 1,
+        "device": "cpu", "model": "tiny", "dtype": "fp32", "kv_cache": "float32", "max_sessions": 1, "gpus": 1,
         "face": "mediapipe",
     }
     assert engine.warm_up() == 0.0  # nothing to tune or capture on a CPU without torch.compile
