@@ -128,6 +128,42 @@ def _wait_log(server: ServerProcess, text: str, timeout: float = 300.0) -> bool:
     return True
 
 
+def _listening(root: int) -> list[str]:
+    """The local addresses (IPv4 dotted, IPv6 hex) of the TCP sockets that ``root`` and its descendants listen
+    on (Ray's GCS, raylet, workers and proxy included), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    family = {root}
+    while grown := {pid for pid, parent in parents.items() if parent in family} - family:
+        family |= grown
+    inodes = set()
+    for pid in family:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    addresses = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                local = fields[1].split(":")[0]
+                if len(local) == 8:
+                    addresses.append(socket.inet_ntoa(bytes.fromhex(local)[::-1]))
+                else:  # (the kernel's words of an IPv6 address)
+                    words = b"".join(bytes.fromhex(local[i : i + 8])[::-1] for i in range(0, 32, 8))
+                    addresses.append(socket.inet_ntop(socket.AF_INET6, words))
+    return addresses
+
+
 def _write_wav(path: Path, samples: np.ndarray) -> Path:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -363,10 +399,15 @@ def test_webrtc_loopback_session(server, speech):
                                          {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
         answer = await asyncio.to_thread(lambda: json.load(urllib.request.urlopen(request, timeout=30)))
         await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
-        await asyncio.sleep(1.3)  # the speech plays out in real time
+        deadline = time.monotonic() + 60
+        while player.audio.readyState != "ended":  # the speech plays out in real time, to its end
+            assert time.monotonic() < deadline, "the microphone track never ended"
+            await asyncio.sleep(0.05)
         channel.send(json.dumps({"type": "end"}))
         await asyncio.wait_for(done.wait(), 120)
-        await asyncio.sleep(1.0)  # the last packets
+        deadline = time.monotonic() + 30
+        while len(received["video"]) < messages[-1]["frames"] - 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the last packets (the receiver may hold the very last frame)
         await pc.close()
         player.audio.stop()
         return messages, received
@@ -376,7 +417,7 @@ def test_webrtc_loopback_session(server, speech):
     n = messages[-1]["frames"]
     assert n >= 21  # at least the second of speech (the stall before "end" is played as silence)
     pts = [frame.pts for frame in received["video"]]
-    assert len(pts) >= n - 2  # over loopback nothing is lost; the last frame or two may still be in flight
+    assert len(pts) >= n - 1  # over loopback nothing is lost; the receiver may hold the very last frame
     assert pts == sorted(pts) and pts[0] == 0 and all(b - a == 3600 for a, b in zip(pts, pts[1:]))
     assert sum(f.samples for f in received["audio"]) >= 0.8 * n * 640 * 3  # 48 kHz out of the Opus decoder
     assert server.wait_idle()["slots_in_use"] == 0
@@ -461,8 +502,7 @@ class Browser:
             self.process.kill()
 
 
-# the WebRTC page runs in `make test-all`; WebRTC itself is tested by the aiortc loopback above
-@pytest.mark.parametrize("transport", ["ws", pytest.param("webrtc", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("transport", ["ws", "webrtc"])
 def test_the_web_page_shows_live_frames_in_chromium(server, tmp_path, transport):
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the browser test needs it")
@@ -507,7 +547,9 @@ def test_eight_sessions_at_once_get_every_frame_in_order(server, capsys):
 
 def test_bench_serve_sweeps_session_counts(server, tmp_path, capsys):
     """``bench-serve --sessions 1,2`` runs one load per count; the count reported as real time is the largest
-    whose p95 chunk latency stayed within --max-latency (a generous bound here: a CPU is far from real time)."""
+    whose p95 chunk latency stayed within --max-latency. A CPU is far from real time, so the bounds that decide
+    are the measured latencies themselves: a bound of 600 s passes every load whose latency was measured (and
+    is below the load's wall time), a bound of 1 ms passes none."""
     out = tmp_path / "load.json"
     code = main(["bench-serve", "--url", server.ws, "--token", TOKEN, "--avatar", "face3", "--sessions", "1,2",
                  "--seconds", "0.4", "--max-latency", "600", "--out", str(out)])
@@ -515,7 +557,10 @@ def test_bench_serve_sweeps_session_counts(server, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert code == 0 and report["all_ok"] and report["sweep"] == [1, 2], printed
     assert [load["sessions"] for load in report["loads"]] == [1, 2]
-    assert all(load["real_time"] for load in report["loads"]) and report["sessions_at_real_time"] == 2
+    for load in report["loads"]:  # a latency is measured, within the load's own wall time, and judged by it
+        assert 0 < load["chunk_latency_p50_s_median"] <= load["chunk_latency_p95_s_max"] < load["wall_s"], load
+        assert load["real_time"] == (load["chunk_latency_p95_s_max"] <= 600)
+    assert report["sessions_at_real_time"] == max(load["sessions"] for load in report["loads"] if load["real_time"])
     assert "sessions in real time: 2" in printed
     strict = main(["bench-serve", "--url", server.ws, "--token", TOKEN, "--avatar", "face3", "--sessions", "1",
                    "--seconds", "0.4", "--max-latency", "0.001", "--out", str(out)])
@@ -593,8 +638,10 @@ def test_sigterm_tells_every_session_and_leaves_no_files(workdir, tiny_avatar_fi
         await live.send(protocol.encode_audio_in(np.zeros(8000, np.int16)))
         await uploading.send(json.dumps({"type": "start", "upload": "video", "bytes": 1 << 20}))
         await uploading.send(protocol.encode_upload(b"\0" * 1000))  # half-uploaded when the server stops
-        await asyncio.sleep(0.5)
-        assert any(scratch.rglob("*.video"))
+        deadline = time.monotonic() + 30
+        while not any(scratch.rglob("*.video")):  # the upload's file exists before the signal
+            assert time.monotonic() < deadline, "the upload never reached the server's folder"
+            await asyncio.sleep(0.05)
         server.process.send_signal(signal.SIGTERM)
         return [await _next_text(ws) for ws in (live, uploading)]
 
@@ -617,8 +664,10 @@ def test_ray_serve_replicas_keep_sessions_when_one_dies(workdir, tiny_avatar_fil
     ray_tmp = Path(tempfile.mkdtemp(prefix="lfray-", dir="/tmp"))  # Ray's socket paths must stay short
     server = ServerProcess(workdir, "--ray", "--replicas", "2", "--avatars", str(avatars), "--token", TOKEN,
                            env={"RAY_TMPDIR": str(ray_tmp)})
-    pcm = protocol.to_pcm16(load_audio(speech[0]))
+    pcm = protocol.to_pcm16(load_audio(speech[1]))  # one chunk of speech each: what is checked is who survives
     assert "2 Ray Serve replica(s) ready" in server.log.read_text() or _wait_log(server, "replica(s) ready")
+    listening = _listening(server.process.pid)
+    assert len(listening) >= 3 and all(a.startswith("127.") or a == "::1" for a in listening), listening  # --host
 
     async def session_on(exclude: set[int]):
         """A started session on a replica not in ``exclude`` (connections are spread by Ray's router)."""
@@ -647,14 +696,16 @@ def test_ray_serve_replicas_keep_sessions_when_one_dies(workdir, tiny_avatar_fil
             if message[0] == protocol.FRAME:
                 indices.append(protocol.decode_binary(message).index)
                 frames += 1
-        with pytest.raises(Exception):  # noqa: B017  (the victim's connection is gone, one way or another)
+        from websockets.exceptions import ConnectionClosed
+
+        with pytest.raises(ConnectionClosed):  # the victim's connection ends (Ray's proxy closes it), not a timeout
             while True:
                 await asyncio.wait_for(victim.recv(), 60)
         return done, indices
 
     try:
         done, indices = asyncio.run(scenario())
-        assert done == {"type": "done", "frames": 21} and indices == list(range(21))
+        assert done == {"type": "done", "frames": 9} and indices == list(range(9))
         result = run_client(ClientOptions(url=server.ws, token=TOKEN, avatar="face3", speech=str(speech[1]),
                                           fast=True))
         assert result.frames == 9  # new sessions still start
