@@ -116,7 +116,8 @@ typedef struct lf_config {
 } lf_config;
 
 /* A finished frame: RGB24, rows of `stride` bytes. Owned by the caller until lf_frame_release (frames filled
- * by lf_pop_frame_into point into the caller's buffer, and lf_frame_release only clears them). */
+ * by lf_pop_frame_into point into the caller's buffer, and lf_frame_release only clears them). The library
+ * writes this struct, so it is fixed for an ABI version: a new field means a new LF_ABI_VERSION (and SONAME). */
 typedef struct lf_frame {
     uint8_t *data;
     int width;

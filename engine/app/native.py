@@ -23,7 +23,7 @@ import io
 import sys
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

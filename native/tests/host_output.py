@@ -39,18 +39,17 @@ def check(host: str, folder: Path) -> int:
                                    stderr=subprocess.PIPE, restore_signals=False)  # SIGPIPE stays ignored
         return process, stdin
 
-    full = open("/dev/full", "wb")
     reader, writer = os.pipe()
     os.close(reader)  # nobody will read: writes fail with EPIPE
-    runs = {
-        "/dev/full": start(frames, full),
-        "closed pipe": start(frames, writer),
-        "truncated": start(frames[:100], subprocess.PIPE),
-        "width 2e9": start(b"", subprocess.PIPE, argv=args[:8] + ["2e9"] + args[9:]),
-        "speech folder": start(b"", subprocess.PIPE, argv=args[:-1] + [str(folder)]),
-    }
+    with open("/dev/full", "wb") as full:
+        runs = {
+            "/dev/full": start(frames, full),
+            "closed pipe": start(frames, writer),
+            "truncated": start(frames[:100], subprocess.PIPE),
+            "width 2e9": start(b"", subprocess.PIPE, argv=args[:8] + ["2e9"] + args[9:]),
+            "speech folder": start(b"", subprocess.PIPE, argv=args[:-1] + [str(folder)]),
+        }
     os.close(writer)
-    full.close()
     results = {}
     for name, (process, stdin) in runs.items():
         out, err = process.communicate(stdin, timeout=300)
