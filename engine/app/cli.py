@@ -322,8 +322,17 @@ def _run(args: argparse.Namespace) -> int:
     if cfg.gpus > 1:
         import torch.distributed as dist
 
-        if not dist.is_initialized():  # spawn the ranks; this run continues as their rank 0 (ranked.py)
-            return _run_on_ranks(args, cfg)
+        if not dist.is_initialized():
+            if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this is one rank
+                from ..runtime.ranks import init_from_env
+                from .ranked import run_rank
+
+                rank, world = init_from_env("nccl" if cfg.device.startswith("cuda") else "gloo", timeout_s=600)
+                if world != cfg.gpus:
+                    raise ConfigError(f"--gpus {cfg.gpus} but torchrun started {world} processes")
+                result = run_rank(rank, world, args.argv)
+                return result if rank == 0 else 0
+            return _run_on_ranks(args, cfg)  # spawn the ranks; this run continues as their rank 0 (ranked.py)
         from .ranked import rank_config
 
         cfg = rank_config(cfg, dist.get_rank())
