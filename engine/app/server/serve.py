@@ -118,20 +118,6 @@ def _wait_for_replicas(host: str, port: int, replicas: int, token: str | None, t
             time.sleep(0.2)
 
 
-def ray_node_address(host: str) -> str | None:
-    """The address Ray's servers listen on for a server on ``host``: that address (localhost: 127.0.0.1); None
-    (Ray's choice, the machine's address) for every interface (0.0.0.0, ::) or a host name."""
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return "127.0.0.1"
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
-    return None if address.is_unspecified else str(address)
-
-
 def run_ray(options: ServerOptions, *, replicas: int, host: str = "127.0.0.1", port: int = 8080) -> None:
     """The same application on Ray Serve: ``replicas`` replicas, one GPU each on CUDA (CPU replicas
     otherwise). A WebSocket session lives on the replica that accepted its connection; a WebRTC session on
@@ -147,10 +133,10 @@ def run_ray(options: ServerOptions, *, replicas: int, host: str = "127.0.0.1", p
     if not verbose:  # Ray's own lines (token-auth notice, Serve's INFO) only with -v
         for name in ("ray", "ray.serve"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    # Ray's own servers (GCS, raylet, workers, object manager) listen on the node's address: the host asked for,
-    # so that with --host 127.0.0.1 none of them is reachable from the network either
+    # Serve's HTTP proxy listens on --host. Ray's own servers (GCS, raylet, workers, agents) listen on every
+    # interface whatever the node address (Ray 2.60; it asks them for a token): a firewall must keep them in
     ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             ignore_reinit_error=True, _node_ip_address=ray_node_address(host))
+             ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port},
                 logging_config=None if verbose else serve.schema.LoggingConfig(log_level="WARNING"))
 
