@@ -38,7 +38,7 @@ need 81``), a clip with too many frames without a face.
 Format ``lipforcing-train-data/1`` (everything float32):
 
     DIR/manifest.json       {"format", "settings": {fps, size, clip_frames, stride, codec, preset, latent_frames,
-                             latent_h, latent_w, audio_dim, text_len, text_dim, sample_rate},
+                             latent_h, latent_w, audio_dim, text_len, text_dim, sample_rate, audio_features},
                              "clips": [{id, source, start_frame, frames, shard}], "skipped": [{source,
                              start_frame (null: the whole video), reason}], "sources": {absolute path: {status
                              "done" | "skipped", size, mtime, shard, clips}}}

@@ -84,7 +84,7 @@ def test_manifest_and_shards_have_the_documented_shapes(tiny_data, tiny_data_sou
     assert manifest["settings"] == {
         "fps": 25, "size": 64, "clip_frames": FRAMES, "stride": FRAMES, "codec": "taehv", "preset": "tiny",
         "latent_frames": LATENTS, "latent_h": SIDE, "latent_w": SIDE, "audio_dim": AUDIO_DIM, "text_len": 16,
-        "text_dim": 4096, "sample_rate": 16000}
+        "text_dim": 4096, "sample_rate": 16000, "audio_features": "clip"}
     face3, face4 = (str(p) for p in tiny_data_sources)
     assert [(c["id"], c["source"], c["start_frame"], c["frames"], c["shard"]) for c in manifest["clips"]] == [
         ("face3-0000", face3, 0, FRAMES, "shard-00000.safetensors"),
