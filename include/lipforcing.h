@@ -181,7 +181,7 @@ LF_API int lf_session_create(lf_engine *engine, const lf_config *options, lf_ses
 LF_API void lf_engine_destroy(lf_engine *engine);
 
 /* Where the engine's messages go: Python's stdout and stderr, one line per call (level 0: stdout's, 1:
- * stderr's). NULL: back to the process's stderr. Set it before the first lf_create to see start-up messages.
+ * stderr's). NULL: back to the process's stderr. (A host that is itself Python keeps its own streams.) Set it before the first lf_create to see start-up messages.
  * The callback may be called from any thread that calls into the library, with the GIL held: it must not
  * call back into the library. */
 typedef void (*lf_log_callback)(int level, const char *line, void *user);
