@@ -95,3 +95,59 @@ def test_speech_at_any_rate_and_misuse(networks, clip):
     session.abort()
     with pytest.raises(ConfigError, match="closed"):
         session.push(frames[0])
+
+
+def test_a_live_session_that_nobody_reads_holds_a_bounded_output_and_stops_taking_speech():
+    """The server's live session over a session that makes every frame its speech allows at once: when nothing takes its
+    output, at most ``MAX_OUTPUTS_WAITING`` chunks wait, the worker waits too, and ``wait_room`` holds the
+    speech once ``MAX_SPEECH_AHEAD_S`` seconds of it wait; taking the output lets both go on."""
+    import asyncio
+
+    from lipforcing.engine.app.server import live as live_module
+
+    class Session:
+        frames_out, frames_needed = 0, None
+
+        def push_audio(self, samples, rate):
+            return [np.zeros((4, 6, 3), np.uint8)] * round(samples.size / rate * 25)  # every frame it can make
+
+        def keep_alive(self, slack):
+            return []
+
+        def speech_for_frames(self, first, count):
+            return np.zeros(640 * count, np.float32)
+
+        def abort(self):
+            pass
+
+    class Engine:
+        def session(self, **kwargs):
+            return Session()
+
+    class Avatar:
+        config = {"frame_hw": (4, 6)}
+
+    async def scenario():
+        live = live_module.LiveSession(Engine(), Avatar(), loop=asyncio.get_running_loop(), lookahead=0.32,
+                                       jpeg_quality=None)
+        second = np.zeros(16000, np.int16)
+        pushed = 0
+        while live.has_room() and pushed < 100:
+            live.push_audio(second)
+            pushed += 1
+            await asyncio.sleep(0.05)  # the worker turns it into a chunk, or waits for the output to be taken
+        await asyncio.sleep(0.3)
+        waiting, held = live._outputs.qsize(), not live.has_room()
+        room = asyncio.ensure_future(live.wait_room())
+        await asyncio.sleep(0.2)
+        blocked = not room.done()
+        outputs = live.outputs()
+        for _ in range(waiting):
+            await outputs.__anext__()  # the output is taken: the worker goes on, the speech has room again
+        await asyncio.wait_for(room, 10)
+        live.close()
+        return pushed, waiting, held, blocked
+
+    pushed, waiting, held, blocked = asyncio.run(scenario())
+    assert waiting == live_module.MAX_OUTPUTS_WAITING and held and blocked, (pushed, waiting)
+    assert pushed <= 16  # the speech stopped being taken: 4 s handed over (waiting), 10 s ahead, at most
