@@ -146,6 +146,12 @@ def test_a_live_session_that_nobody_reads_holds_a_bounded_output_and_stops_takin
             await outputs.__anext__()  # the output is taken: the worker goes on, the speech has room again
         await asyncio.wait_for(room, 10)
         live.close()
+
+        async def drain():
+            async for _ in outputs:  # until the worker says "closed": it ends before the loop does
+                pass
+
+        await asyncio.wait_for(drain(), 10)
         return pushed, waiting, held, blocked
 
     pushed, waiting, held, blocked = asyncio.run(scenario())
