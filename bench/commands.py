@@ -37,8 +37,53 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality-weights", default=None, metavar="DIR", help="a folder with syncnet_v2.model (Sync-C)")
     p.add_argument("--max-quality-drop", type=float, default=None, metavar="PERCENT",
                    help="with --quality: exit 1 when a variant's quality drop exceeds this (a gate for your CI)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="the student of each variant on this many ranks, one stream (sequence parallel; one GPU "
+                        "each, or CPU processes): the report adds each rank's calls and seconds")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_bench)
+
+
+def _bench_on_ranks(args: argparse.Namespace, cfg: BenchConfig) -> int:
+    """``bench --gpus N``: N spawned ranks, rank 0 running this command; each rank's calls and seconds are added
+    to the report (``ranks``)."""
+    import torch
+
+    from ..engine.runtime.ranks import launch_ranks
+
+    cuda = cfg.device == "cuda"
+    if cuda and torch.cuda.device_count() < cfg.gpus:
+        raise ConfigError(f"--gpus {cfg.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    values = launch_ranks(bench_rank, cfg.gpus, (args.argv,), backend="nccl" if cuda else "gloo", timeout_s=600)
+    status, workers = values[0], values[1:]
+    for w in workers:
+        kinds = ", ".join(f"{k} {w['calls'][k]} calls {w['seconds'][k]:.2f} s" for k in w["calls"])
+        print(f"rank {w['rank']}: {kinds}")
+    if args.out:
+        report = json.loads(Path(args.out).read_text())
+        report["ranks"] = workers
+        dump(report, args.out)
+    return status
+
+
+def bench_rank(rank: int, world: int, argv: list[str]) -> int | dict:
+    """The target of each rank of ``bench --gpus N``: rank 0 runs the bench, the others serve its students."""
+    from ..engine.app.cli import build_parser
+    from ..engine.app.ranked import end_ranks, serve_students
+    from .session import _networks_for, build_networks
+
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    if rank == 0:
+        try:
+            return args.run(args)
+        finally:
+            end_ranks()
+    cfg = BenchConfig(model=args.model or ("1.3b" if args.device == "cuda" else "tiny"), ckpt=args.ckpt,
+                      device=f"cuda:{rank}" if (args.device or "cpu").startswith("cuda") else "cpu", dtype=args.dtype,
+                      encoder=args.encoder or ("wan" if (args.device or "").startswith("cuda") else "taehv"))
+    networks, made = build_networks(cfg), {}
+    return serve_students(rank, lambda config: _networks_for(config, networks, made).student)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -71,12 +116,19 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError("--max-quality-drop PERCENT (>= 0) applies with --quality")
     if args.quality and args.avatar:
         raise ConfigError("--quality compares the ablation's variants; it does not apply with --avatar")
+    if args.gpus < 1 or (args.gpus > 1 and args.avatar):
+        raise ConfigError("--gpus takes a positive number and measures the ablation (one stream), not --avatar")
     cfg = BenchConfig(
         model=args.model or ("1.3b" if cuda else "tiny"), ckpt=args.ckpt, device="cuda" if cuda else "cpu",
         dtype=args.dtype, encoder=args.encoder or ("wan" if cuda else "taehv"), frame_hw=(h, w), chunks=chunks,
         variants=variants, avatar_sessions=sessions, quality=args.quality, quality_weights=args.quality_weights,
-        progress=not args.quiet,
+        progress=not args.quiet, gpus=args.gpus,
     )
+    if cfg.gpus > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return _bench_on_ranks(args, cfg)
     baseline = None
     if args.compare:
         try:

@@ -49,6 +49,9 @@ FIELDS: dict[str, str] = {
             "compile, encoder, decoder, decoder backend, face backend: the benchmark's drawn face has a known box)",
     "skipped": "pieces of the variant that cannot run here, and why",
     "same_path_as": "a variant whose pieces cannot run here ran the same path as this one: not measured twice",
+    "parallel": "with --gpus N: the ranks each variant's student runs on and the scheme (one stream); null otherwise",
+    "ranks": "with --gpus N: ranks 1..N-1's student calls (warm_up, start_clip, run_chunk) and the seconds each kind "
+             "took there, over the whole run (rank 0's are the variants' stage_ms)",
 }
 
 REQUIRED_RESULT_KEYS = ("fps", "ttff_ms", "stage_ms", "chunk_ms", "frames", "chunks", "path")

@@ -96,6 +96,8 @@ class BenchConfig:
     quality_weights: str | None = None
     """A folder with syncnet_v2.model: Sync-C joins the comparison."""
     progress: bool = True
+    gpus: int = 1
+    """Ranks each variant's student runs on (one stream, sequence parallel; ``bench --gpus``)."""
 
 
 def _best_decoder_backend(device: torch.device) -> tuple[str | None, str | None]:
@@ -412,7 +414,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None) -> dict:
     networks = build_networks(cfg)
     frames, speech, box = synthetic_clip(cfg.frame_hw, cfg.chunks + 2)
     base = RunConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, encoder=cfg.encoder, decoder=cfg.decoder,
-                     face_backend="box", face_box=box)
+                     face_backend="box", face_box=box, gpus=cfg.gpus)
     report = _report_head(cfg, device)
     results, seen_paths, outputs, variant_networks = report["results"], [], {}, {}
 
@@ -474,6 +476,8 @@ def _report_head(cfg: BenchConfig, device: torch.device) -> dict:
         },
         "config": {**asdict(cfg), "frame_hw": list(cfg.frame_hw), "variants": list(cfg.variants),
                    "avatar_sessions": list(cfg.avatar_sessions), "commit": _commit()},
+        "parallel": {"ranks": cfg.gpus, "scheme": "sequence parallel (all-to-all over heads)"}
+        if cfg.gpus > 1 else None,
         "results": {},
     }
 

@@ -280,7 +280,7 @@ class Engine:
         if config.gpus > 1:  # rank 0 of the stream's ranks: every student call goes to the others too
             from .ranked import RankedStudent
 
-            self.student = RankedStudent(self.student)
+            self.student = RankedStudent(self.student, config)
         self.batcher = None
         if config.max_sessions > 1:
             from ..runtime.batcher import StudentBatcher

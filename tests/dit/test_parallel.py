@@ -68,3 +68,20 @@ def test_info_gpus_prints_the_schemes_arithmetic(capsys):
     assert plan["per_rank"]["compute_ms"] == round(plan["one_gpu"]["compute_ms"] / 4, 2)
     assert main(["info", "--model", "1.3b", "--gpus", "8"]) == 0  # 12 heads: 8 GPUs cannot split them
     assert "do not divide" in capsys.readouterr().out
+
+
+def test_bench_gpus_reports_the_scheme_and_each_ranks_calls(tmp_path):
+    import json
+
+    from lipforcing.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--frame-size", "240x320", "--chunks", "1",
+                 "--variants", "+streams", "--gpus", "2", "--quiet", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["parallel"] == {"ranks": 2, "scheme": "sequence parallel (all-to-all over heads)"}
+    result = report["results"]["+streams"]
+    assert result["path"]["gpus"] == 2 and result["fps"] > 0
+    (rank1,) = report["ranks"]
+    assert rank1["rank"] == 1 and rank1["calls"]["run_chunk"] == result["chunks"] == 3  # chunks 0, 1 and one timed
+    assert rank1["calls"]["start_clip"] == 1 and rank1["seconds"]["run_chunk"] > 0
