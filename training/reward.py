@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.errors import ConfigError
-from ..engine.quality.syncnet import (CROP_SIZE, distance_table, embed, int16_scale, mfcc, release_sync_c,
-                                      sync_scores)
+from ..engine.quality.syncnet import CROP_SIZE, distance_table, embed, int16_scale, mfcc, release_sync_c, sync_scores
 
 
 def face_crops_bgr(frames: torch.Tensor) -> np.ndarray:
@@ -61,7 +60,8 @@ class SyncReward:
         for clip, speech in zip(frames, wav):
             if self.formula == "release":
                 speech = speech.cpu().float().numpy()
-                out.append(release_sync_c(self.syncnet, release_face_crops_bgr(clip), speech, device=self.device).sync_c)
+                crops = release_face_crops_bgr(clip)
+                out.append(release_sync_c(self.syncnet, crops, speech, device=self.device).sync_c)
                 continue
             speech = speech.cpu().double().numpy()
             video, audio = embed(self.syncnet, face_crops_bgr(clip), mfcc(int16_scale(speech)), samples=speech.size,

@@ -175,14 +175,12 @@ def test_the_critic_gradient_on_student_iterations_is_scaled_and_unclipped(tiny_
     run.clip_index = lambda slot: 0  # the same clip at both iterations
     try:
         norms = {}
+        loss = obj.loss
+        # the same draws at both iterations (phase, slot and seed fixed): only the iteration's role differs
+        obj.loss = lambda phase, batch, rng: loss(phase, batch, SampleRandom(9, 0, 1 if phase == "critic" else 0, [0]))
         for step in (3, 4):  # iteration 4: the critic alone; iteration 5: critic and student
-            # the same draws at both iterations (phase, slot and seed fixed): only the iteration's role differs
-            loss = obj.loss
-            obj.loss = lambda phase, batch, rng: loss(phase, batch, SampleRandom(9, 0, 1 if phase == "critic" else 0,
-                                                                                [0]))
             critic = _trained(obj.critic)
             record = run.train_step(step)
-            obj.loss = loss
             norms[step + 1] = record["critic_grad_norm"]
             # undo the update so that both iterations start from the same critic
             with torch.no_grad():
