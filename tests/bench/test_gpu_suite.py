@@ -98,7 +98,8 @@ def test_quality_gate_compares_every_fast_path_with_the_reference(dry_run):
     results = report["results"]
     # the reference against a second run of itself is exact; the fast paths reproduce it
     assert results["reference"]["quality"]["drop_pct"] == 0 and results["reference"]["quality"]["psnr"] == "inf"
-    for name in ("+graphs", "+streams", "+sdpa", "+fp8"):
+    assert list(results) == ["reference", "+streams", "+fp8"]  # the dry run's gate: the device runs every variant
+    for name in ("+streams", "+fp8"):
         assert results[name]["quality"]["drop_pct"] <= 1, results[name]["quality"]
         assert "syncnet_v2.model" in results[name]["quality"]["note"]  # Sync-C needs weights: said, not faked
     assert results["+fp8"]["quality"]["psnr"] != "inf"  # the fp8 student ran: its frames are not bit-exact
