@@ -37,9 +37,7 @@ test: setup native
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 	ctest --test-dir $(BUILD) --output-on-failure -j2
 
-test-all: setup native
-	$(PY) -m pytest -q -p no:cacheprovider -m "slow or not slow"
-	ctest --test-dir $(BUILD) --output-on-failure -j2
+test-all: test  # every case already runs in make test (CI)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -120,3 +120,22 @@ def train_golden_files(shared_dir: Path) -> list[Path]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def assert_export_computes_the_trained_network(export_path: Path, network, stream, batch) -> None:
+    """The student loaded from an exported file (adapters merged) computes what the trained network (adapters
+    apart) computes: the block-causal flow of one random input, to fp32 rounding."""
+    import torch
+
+    from lipforcing.engine.dit.checkpoint import load_student
+    from lipforcing.engine.dit.full_sequence import FullSequenceAttention
+    from lipforcing.engine.numerics import rel_error
+
+    engine_model = load_student(export_path, dtype=torch.float32)
+    x = torch.randn(1, 16, 21, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.full((1, 21), 0.769, dtype=torch.float64)
+    ctx = FullSequenceAttention(network.cfg, stream, 21, block_causal=True, device="cpu")
+    with torch.no_grad():
+        merged = engine_model(batch.inputs(x), t, engine_model.prepare_clip(batch.text_context, batch.audio), ctx)
+        unmerged = network(batch.inputs(x), t, batch.clip(), ctx)
+    assert rel_error(merged, unmerged) < TOLERANCE[torch.float32]

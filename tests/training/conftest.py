@@ -59,3 +59,4 @@ def make_dmd():
         return SelfForcingDMD(cfg, student, teacher, critic, stream), data
 
     return make
+

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 from conftest import TOLERANCE
 from lipforcing.engine.numerics import rel_error
 
@@ -203,8 +204,6 @@ def test_the_critic_gradient_on_student_iterations_is_scaled_and_unclipped(tiny_
 def test_stage2_continues_the_stage1_adapter_and_exports_the_merged_network(tiny_data, tmp_path):
     """lora.init continue: stage 2's student starts from stage 1's A/B (unmerged), trains them, and its export
     equals the unmerged network; fresh: a new adapter with B = 0 on the merged weights."""
-    from lipforcing.engine.dit.checkpoint import load_student
-    from lipforcing.engine.dit.full_sequence import FullSequenceAttention
     from lipforcing.training.config import LoraConfig
     from lipforcing.training.export import export_run, trained_network
 
@@ -232,14 +231,7 @@ def test_stage2_continues_the_stage1_adapter_and_exports_the_merged_network(tiny
     out = tmp_path / "s2.safetensors"
     export_run(tmp_path / "s2", out)
     _, s2 = trained_network(tmp_path / "s2")
-    engine_model = load_student(out, dtype=torch.float32)
-    x = torch.randn(1, 16, 21, 8, 8, generator=torch.Generator().manual_seed(2))
-    t = torch.full((1, 21), 0.769, dtype=torch.float64)
-    ctx = FullSequenceAttention(s2.cfg, run.stream, 21, block_causal=True, device="cpu")
-    with torch.no_grad():
-        merged = engine_model(batch.inputs(x), t, engine_model.prepare_clip(batch.text_context, batch.audio), ctx)
-        unmerged = s2(batch.inputs(x), t, batch.clip(), ctx)
-    assert rel_error(merged, unmerged) < TOLERANCE[torch.float32]
+    conftest.assert_export_computes_the_trained_network(out, s2, run.stream, batch)
 
     fresh = _run("stage2", tiny_data, tmp_path / "fresh", inits=Inits(init=str(tmp_path / "s1")), steps=2,
                  reward=False, lora=LoraConfig(rank=16, alpha=16.0, init="fresh"))

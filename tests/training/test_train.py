@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
 from conftest import TOLERANCE
 from lipforcing.engine.numerics import rel_error
 
@@ -239,8 +240,6 @@ def test_sync_reward_is_finite_without_gradient():
 
 
 def test_export_loads_in_the_engine_with_the_trained_output(tiny_data, tmp_path):
-    from lipforcing.engine.dit.checkpoint import load_student
-    from lipforcing.engine.dit.full_sequence import FullSequenceAttention
     from lipforcing.training.export import export_run, trained_network
 
     run = _run("stage1", tiny_data, tmp_path / "run", steps=3, lr=5e-3)
@@ -252,15 +251,8 @@ def test_export_loads_in_the_engine_with_the_trained_output(tiny_data, tmp_path)
     assert export_run(tmp_path / "run", out) == 129
     _, trained = trained_network(tmp_path / "run")
     assert any(".lora_B." in n and p.abs().sum() > 0 for n, p in trained.named_parameters())
-    engine_model = load_student(out, dtype=torch.float32)
     batch = TrainBatch.from_clips(run.data.batch([0]), run.data, "cpu")
-    x = torch.randn(1, 16, 21, 8, 8, generator=torch.Generator().manual_seed(2))
-    t = torch.full((1, 21), 0.769, dtype=torch.float64)
-    ctx = FullSequenceAttention(trained.cfg, run.stream, 21, block_causal=True, device="cpu")
-    with torch.no_grad():
-        ours = engine_model(batch.inputs(x), t, engine_model.prepare_clip(batch.text_context, batch.audio), ctx)
-        theirs = trained(batch.inputs(x), t, batch.clip(), ctx)
-    assert rel_error(ours, theirs) < TOLERANCE[torch.float32]
+    conftest.assert_export_computes_the_trained_network(out, trained, run.stream, batch)
 
 
 def test_torchrun_two_gloo_processes_match_one(tiny_data, tmp_path):
