@@ -112,8 +112,11 @@ class LiveSession:
                     return
         else:
             self._finished = True
-        self.loop.call_soon_threadsafe(self._outputs.put_nowait, item)
-        self.loop.call_soon_threadsafe(self._room.set)
+        try:
+            self.loop.call_soon_threadsafe(self._outputs.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._room.set)
+        except RuntimeError:  # the connection's event loop has closed: nobody is left to take the item
+            pass
 
     def _next_command(self) -> tuple[str, object]:
         """The next command, with every piece of speech queued behind it joined into one (a session that runs
