@@ -216,7 +216,9 @@ def _distill(args: argparse.Namespace) -> int:
         "what": "2-step causal student samples against the tiny teacher's 50-step samples (guidance 4.5 in the sync "
                 "window) on held-back clips: per-sample latent MSE, distribution moments and Fréchet distance with "
                 "their spread over seeds, and the copy risk",
-        "command": " ".join(["lipforcing bench-distill", *args.videos, "--work", str(args.work), "--teacher-steps",
+        # the videos by file name and the scratch folder as WORK: the report is committed, this machine's paths are not
+        "command": " ".join(["lipforcing bench-distill", *(Path(v).name for v in args.videos), "--work", "WORK",
+                             "--teacher-steps",
                              str(args.teacher_steps), "--stage1-steps", str(args.stage1_steps), "--stage2-steps",
                              str(args.stage2_steps), "--seeds", str(args.seeds), "--reward-steps",
                              str(args.reward_steps)]),
