@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ..engine.app.cli import add_token_options, command
@@ -79,14 +80,14 @@ def bench_rank(rank: int, world: int, argv: list[str]) -> int | dict:
             return args.run(args)
         finally:
             end_ranks()
-    cfg = BenchConfig(model=args.model or ("1.3b" if args.device == "cuda" else "tiny"), ckpt=args.ckpt,
-                      device=f"cuda:{rank}" if (args.device or "cpu").startswith("cuda") else "cpu", dtype=args.dtype,
-                      encoder=args.encoder or ("wan" if (args.device or "").startswith("cuda") else "taehv"))
+    cfg = _bench_config(args)
+    cfg = replace(cfg, device=f"cuda:{rank}" if cfg.device == "cuda" else cfg.device)
     networks, made = build_networks(cfg), {}
     return serve_students(rank, lambda config: _networks_for(config, networks, made).student)
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench_config(args: argparse.Namespace) -> BenchConfig:
+    """The BenchConfig of the command's options (every rank of ``--gpus`` builds the same one)."""
     import torch
 
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -118,12 +119,16 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError("--quality compares the ablation's variants; it does not apply with --avatar")
     if args.gpus < 1 or (args.gpus > 1 and args.avatar):
         raise ConfigError("--gpus takes a positive number and measures the ablation (one stream), not --avatar")
-    cfg = BenchConfig(
+    return BenchConfig(
         model=args.model or ("1.3b" if cuda else "tiny"), ckpt=args.ckpt, device="cuda" if cuda else "cpu",
         dtype=args.dtype, encoder=args.encoder or ("wan" if cuda else "taehv"), frame_hw=(h, w), chunks=chunks,
         variants=variants, avatar_sessions=sessions, quality=args.quality, quality_weights=args.quality_weights,
         progress=not args.quiet, gpus=args.gpus,
     )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    cfg = _bench_config(args)
     if cfg.gpus > 1:
         import torch.distributed as dist
 

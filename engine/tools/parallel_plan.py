@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 from ..dit.cache import cache_capacity, visible_cached_frames
 from ..dit.config import ModelConfig, StreamConfig, tokens_per_frame
+from ..dit.model import count_parameters
 from .info import DEFAULT_PEAK_TFLOPS, call_flops
 
 NVLINK_GBS = 450.0  # H100 SXM NVLink 4: 900 GB/s both directions, 450 each way
@@ -76,8 +77,6 @@ def _sizes(cfg: ModelConfig, stream: StreamConfig) -> tuple[float, float, float,
     d, f = cfg.dim, cfg.ffn_dim
     block = 8 * d * d + 2 * d * f  # self- and cross-attention q, k, v, o; the FFN
     blocks = 2.0 * cfg.num_layers * block
-    from ..dit.model import count_parameters
-
     rest = 2.0 * count_parameters(cfg) - blocks
     t = tokens_per_frame(cfg, stream)
     kv = 2.0 * 2 * cfg.num_layers * cache_capacity(stream) * t * cfg.dim
