@@ -60,7 +60,7 @@ def _bench_on_ranks(args: argparse.Namespace, cfg: BenchConfig) -> int:
     for w in workers:
         kinds = ", ".join(f"{k} {w['calls'][k]} calls {w['seconds'][k]:.2f} s" for k in w["calls"])
         print(f"rank {w['rank']}: {kinds}")
-    if args.out:
+    if args.out and status == 0:
         report = json.loads(Path(args.out).read_text())
         report["ranks"] = workers
         dump(report, args.out)
@@ -69,15 +69,16 @@ def _bench_on_ranks(args: argparse.Namespace, cfg: BenchConfig) -> int:
 
 def bench_rank(rank: int, world: int, argv: list[str]) -> int | dict:
     """The target of each rank of ``bench --gpus N``: rank 0 runs the bench, the others serve its students."""
-    from ..engine.app.cli import build_parser
+    from ..engine.app.cli import build_parser, configure_logging, run_command
     from ..engine.app.ranked import end_ranks, serve_students
     from .session import _networks_for, build_networks
 
     args = build_parser().parse_args(argv)
     args.argv = argv
+    configure_logging(args.verbose)
     if rank == 0:
         try:
-            return args.run(args)
+            return run_command(args)  # its exit status, as the command alone gives it
         finally:
             end_ranks()
     cfg = _bench_config(args)

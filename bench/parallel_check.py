@@ -4,6 +4,7 @@
     python -m lipforcing.bench.parallel_check --ranks 2 --model 14b --layers 1   # a 14B-wide block
     python -m lipforcing.bench.parallel_check --ranks 2 --device cuda            # NCCL, one GPU per rank
     python -m lipforcing.bench.parallel_check --ranks 2 --scheduler static       # static buffers (graphs on CUDA)
+    python -m lipforcing.bench.parallel_check --ranks 2,4 --sessions 3          # 3 sessions batched on the ranks
 
 Each rank runs the streaming sampler with ``SequenceParallel`` (engine/dit/parallel.py) on the same seeded random
 weights and inputs; rank 0's x0 of every chunk is compared with one process's (relative L2 error: fp32 rounding,
@@ -43,6 +44,8 @@ class Spec:
     backend: str = "reference"
     scheduler: str = "reference"
     """reference (the eager sampler) or static (static buffers; CUDA graphs on CUDA)."""
+    sessions: int = 1
+    """Above 1: this many sessions of the engine's batcher share the ranks (``sessions_x0``; static scheduler)."""
     fail_rank: int | None = None
     fail_chunk: int | None = None
 
@@ -73,13 +76,8 @@ def stream_x0(rank: int, world: int, spec: Spec) -> dict:
     cfg = _config(spec)
     stream = StreamConfig(latent_h=spec.latent, latent_w=spec.latent)
     model = random_student(cfg, device=device, dtype=parse_dtype(spec.dtype), seed=spec.seed)
-    g = torch.Generator().manual_seed(spec.seed + 1)
-    latents = 3 * spec.chunks
-    hw = (spec.latent, spec.latent)
-    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
-    audio = torch.randn(1, 1 + cfg.audio_frames_per_latent * (latents - 1), cfg.audio_dim, generator=g)
-    ref, mask = torch.randn(1, 16, 1, *hw, generator=g), (torch.rand(1, 1, 1, *hw, generator=g) > 0.5).float()
-    masked, ref_seq = torch.randn(1, 16, latents, *hw, generator=g), torch.randn(1, 16, latents, *hw, generator=g)
+    clip = _clip(cfg, spec, 3 * spec.chunks, spec.seed + 1)
+    text, audio, ref, mask, masked, ref_seq = (clip[k] for k in ("text", "audio", "ref", "mask", "masked", "ref_seq"))
     parallel = SequenceParallel() if world > 1 else None
     if spec.scheduler == "static":
         from ..engine.runtime.static import StaticStudent
@@ -104,22 +102,111 @@ def stream_x0(rank: int, world: int, spec: Spec) -> dict:
             "cache_heads": sampler.cache.k.shape[-2]}
 
 
+def _clip(cfg, spec: Spec, latents: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    hw = (spec.latent, spec.latent)
+    return {"text": torch.randn(1, cfg.text_len, cfg.text_dim, generator=g),
+            "audio": torch.randn(1, 1 + cfg.audio_frames_per_latent * (latents - 1), cfg.audio_dim, generator=g),
+            "ref": torch.randn(1, 16, 1, *hw, generator=g),
+            "mask": (torch.rand(1, 1, 1, *hw, generator=g) > 0.5).float(),
+            "masked": torch.randn(1, 16, latents, *hw, generator=g),
+            "ref_seq": torch.randn(1, 16, latents, *hw, generator=g)}
+
+
+def sessions_x0(rank: int, world: int, spec: Spec) -> dict:
+    """``spec.sessions`` sessions through the engine's own parts (``make_student``, ``RankedStudent`` on rank 0,
+    ``StudentBatcher``), as ``serve --gpus N --max-sessions S`` runs them. Session i holds row i; the last two
+    sessions start at round 0, each earlier one a round after the next, and each runs ``spec.chunks`` chunks. All
+    sessions' chunks of a round run at once from their threads (batched when their window shapes agree), so the
+    sessions that reach the steady state first move to the front rows, and the last session ends one round early,
+    which moves another's rows again: every rank must make the same moves. Rank 0 returns each session's x0 and the
+    batch sizes; the other ranks serve its calls (``serve_students``)."""
+    import threading
+
+    from ..engine.app.engine import RunConfig, make_student
+    from ..engine.app.ranked import RankedStudent, end_ranks, serve_students
+    from ..engine.dit.build import random_student
+    from ..engine.dit.config import StreamConfig
+    from ..engine.numerics import parse_dtype
+    from ..engine.runtime.batcher import StudentBatcher
+
+    device = torch.device(f"cuda:{rank}" if spec.device == "cuda" else spec.device)
+    cfg = _config(spec)
+    model = random_student(cfg, device=device, dtype=parse_dtype(spec.dtype), seed=spec.seed)
+    config = RunConfig(model=spec.model, device=str(device), scheduler="static", backend=spec.backend,
+                       max_sessions=spec.sessions, gpus=world, seed=spec.seed)
+    if rank > 0:
+        return serve_students(rank, lambda _: model)
+    stream = StreamConfig(latent_h=spec.latent, latent_w=spec.latent)
+    student = make_student(config, model, stream)
+    if world > 1:
+        student = RankedStudent(student, config)
+    batcher = StudentBatcher(student, gather_s=0.05)
+    try:
+        clips = [_clip(cfg, spec, 3 * spec.chunks, spec.seed + 1 + i) for i in range(spec.sessions)]
+        views = [batcher.session() for _ in clips]
+        start = [max(0, spec.sessions - 2 - i) for i in range(spec.sessions)]
+        last = [start[i] + spec.chunks - (i == spec.sessions - 1) for i in range(spec.sessions)]  # last round + 1
+        rounds = max(last)
+        barrier = threading.Barrier(spec.sessions)
+        out: list[list[torch.Tensor]] = [[] for _ in clips]
+        errors: list[BaseException] = []
+
+        def session(i: int) -> None:
+            try:
+                view, clip = views[i], clips[i]
+                for r in range(rounds):
+                    barrier.wait()
+                    c = r - start[i]
+                    if c == 0:
+                        view.start_clip(clip["text"].to(device), clip["audio"].to(device),
+                                        clip["ref"].to(device), clip["mask"].to(device))
+                    if c >= 0 and r < last[i]:
+                        x0 = view.run_chunk(clip["masked"][:, :, 3 * c : 3 * c + 3].to(device),
+                                            clip["ref_seq"][:, :, 3 * c : 3 * c + 3].to(device))
+                        out[i].append(x0.float().cpu())
+                    if r + 1 == last[i]:
+                        view.close()
+            except BaseException as exc:  # noqa: BLE001  (reported by the caller)
+                errors.append(exc)
+                barrier.abort()
+
+        threads = [threading.Thread(target=session, args=(i,)) for i in range(spec.sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    finally:
+        batcher.shutdown()
+        if world > 1:
+            student.stop()
+            end_ranks()
+    return {"x0": torch.cat([torch.cat(x, 2) for x in out], 2), "batches": list(batcher.batches),
+            "chunk_s": None, "cache_heads": student.cache.k.shape[-2]}
+
+
 def check(spec: Spec, ranks: list[int]) -> dict:
     """Every rank count against one process: error, seconds per chunk, KV-cache heads per rank."""
     from ..engine.numerics import parse_dtype, rel_error
     from ..engine.runtime.ranks import launch_ranks
 
-    one = stream_x0(0, 1, spec)
+    target = sessions_x0 if spec.sessions > 1 else stream_x0
+    one = target(0, 1, spec)
     backend = "nccl" if spec.device == "cuda" else "gloo"
     document = {"spec": dataclasses.asdict(spec), "scheme": "sequence parallel (all-to-all over heads)",
-                "one_process_chunk_s": round(one["chunk_s"], 4), "ranks": {}, "failures": []}
+                "one_process_chunk_s": one["chunk_s"] and round(one["chunk_s"], 4), "ranks": {}, "failures": []}
     bound = BOUND[parse_dtype(spec.dtype)]
     for n in ranks:
-        results = launch_ranks(stream_x0, n, (spec,), backend=backend)
+        results = launch_ranks(target, n, (spec,), backend=backend)
         err = rel_error(results[0]["x0"], one["x0"])
-        document["ranks"][str(n)] = {"rel_err": float(f"{err:.3e}"), "chunk_s": round(results[0]["chunk_s"], 4),
-                                     "cache_heads_per_rank": results[0]["cache_heads"],
-                                     "vs_one_process": round(results[0]["chunk_s"] / one["chunk_s"], 3)}
+        document["ranks"][str(n)] = {"rel_err": float(f"{err:.3e}"), "cache_heads_per_rank": results[0]["cache_heads"]}
+        if spec.sessions > 1:  # the batch sizes of rank 0's batcher, and the calls each other rank served
+            document["ranks"][str(n)].update(batches=results[0]["batches"], served=[r["calls"] for r in results[1:]])
+        else:
+            document["ranks"][str(n)].update(chunk_s=round(results[0]["chunk_s"], 4),
+                                             vs_one_process=round(results[0]["chunk_s"] / one["chunk_s"], 3))
         if not err <= bound:
             document["failures"].append(f"{n} ranks: x0 rel err {err:.3e} > {bound:.0e}")
     return document
@@ -136,10 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on a CPU")
     p.add_argument("--backend", default="reference")
     p.add_argument("--scheduler", default="reference", choices=["reference", "static"])
+    p.add_argument("--sessions", type=int, default=1,
+                   help="above 1: this many sessions batched on the ranks (the static scheduler, as serve runs them)")
     args = p.parse_args(argv)
     spec = Spec(model=args.model, layers=args.layers, latent=args.latent, chunks=args.chunks, device=args.device,
                 dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"), backend=args.backend,
-                scheduler=args.scheduler)
+                scheduler="static" if args.sessions > 1 else args.scheduler, sessions=args.sessions)
     document = check(spec, [int(n) for n in args.ranks.split(",")])
     print(json.dumps(document))
     return 1 if document["failures"] else 0

@@ -320,22 +320,10 @@ def _run(args: argparse.Namespace) -> int:
     avatar = Avatar.load(args.avatar) if args.avatar else None
     cfg, weights = engine_config(args)
     if cfg.gpus > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this is one rank
-                from ..runtime.ranks import init_from_env
-                from .ranked import run_rank
-
-                rank, world = init_from_env("nccl" if cfg.device.startswith("cuda") else "gloo", timeout_s=600)
-                if world != cfg.gpus:
-                    raise ConfigError(f"--gpus {cfg.gpus} but torchrun started {world} processes")
-                result = run_rank(rank, world, args.argv)
-                return result if rank == 0 else 0
-            return _run_on_ranks(args, cfg)  # spawn the ranks; this run continues as their rank 0 (ranked.py)
-        from .ranked import rank_config
-
-        cfg = rank_config(cfg, dist.get_rank())
+        status = _as_ranks(args, cfg, weights)
+        if status is not None:
+            return status
+        cfg = _rank_zero_config(cfg)
     engine = build_engine(cfg, weights)
     try:
         summary = run_video(args.video, args.audio, args.output, engine, avatar=avatar,
@@ -347,18 +335,40 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_on_ranks(args: argparse.Namespace, cfg) -> int:
-    """``run --gpus N``: N spawned ranks (gloo on a CPU, NCCL on GPUs: one each), rank 0 running this command."""
-    from ..runtime.ranks import launch_ranks
+def _as_ranks(args: argparse.Namespace, cfg, weights) -> int | None:
+    """``--gpus N`` (run, serve): this command becomes rank 0 of N ranks, the others serving its student
+    (ranked.py). Returns the command's exit status once the ranks are done; None when this process is rank 0
+    already (torch.distributed is initialised): the command goes on here."""
+    import torch
+    import torch.distributed as dist
+
+    from ..runtime.ranks import init_from_env, launch_ranks
+    from .engine import require_weights
     from .ranked import run_rank
 
+    if dist.is_initialized():
+        return None
+    require_weights(cfg, weights)  # said once, before any rank starts
     cuda = cfg.device.startswith("cuda")
-    if cuda:
-        import torch
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
+        rank, world = init_from_env(backend, timeout_s=600)
+        if world != cfg.gpus:
+            raise ConfigError(f"--gpus {cfg.gpus} but torchrun started {world} processes")
+        result = run_rank(rank, world, args.argv)
+        return result if rank == 0 else 0
+    if cuda and torch.cuda.device_count() < cfg.gpus:
+        raise ConfigError(f"--gpus {cfg.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    # spawn the ranks; this command goes on in their rank 0
+    return launch_ranks(run_rank, cfg.gpus, (args.argv,), backend=backend, timeout_s=600)[0]
 
-        if torch.cuda.device_count() < cfg.gpus:
-            raise ConfigError(f"--gpus {cfg.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return launch_ranks(run_rank, cfg.gpus, (args.argv,), backend="nccl" if cuda else "gloo", timeout_s=600)[0]
+
+def _rank_zero_config(cfg):
+    import torch.distributed as dist
+
+    from .ranked import rank_config
+
+    return rank_config(cfg, dist.get_rank())
 
 
 @command("prepare-avatar", "align and encode a talking-head video once, for sessions that skip both")
@@ -417,6 +427,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="speech each chunk waits for past its frames (default: the session default)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (one replica per GPU)")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: how many replicas")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="run every session's student on this many ranks (sequence parallel; one GPU each, or CPU "
+                        "processes): faster streams, not more of them; see `lipforcing info --gpus N`")
     add_engine_options(p)
     p.set_defaults(run=_serve)
 
@@ -453,6 +466,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--avatars {args.avatars}: not a folder")
     if args.replicas < 1 or (args.replicas > 1 and not args.ray):
         raise ConfigError("--replicas N (N >= 1) applies with --ray")
+    if args.gpus > 1 and args.ray:
+        raise ConfigError("--gpus N runs one server on N ranks; Ray replicas take one GPU each (drop --ray or --gpus)")
     for name in ("max_message_kb", "max_upload_mb", "max_uploads_mb", "max_connections", "idle_timeout", "max_lag"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
@@ -474,6 +489,11 @@ def _serve(args: argparse.Namespace) -> int:
     )
     _require_server_packages(ray=args.ray)
     _check_port_free(args.host, args.port)  # before the warm-up, not after it
+    if cfg.gpus > 1:
+        status = _as_ranks(args, cfg, weights)
+        if status is not None:
+            return status
+        options = replace(options, run_config=_rank_zero_config(options.run_config))
     if args.ray:
         from .server.serve import run_ray
 
@@ -743,12 +763,23 @@ def _quiet_third_parties(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def configure_logging(verbose: bool) -> None:
+    """Our lines at INFO with -v (else WARNING), third parties quiet (also in each spawned rank)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("lipforcing").setLevel(logging.INFO if verbose else logging.WARNING)
+    _quiet_third_parties(verbose)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what spawned ranks parse again (run --gpus)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    logging.getLogger("lipforcing").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    _quiet_third_parties(args.verbose)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what spawned ranks parse again (--gpus N)
+    configure_logging(args.verbose)
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command; its exit status (errors, SIGTERM and Ctrl-C said in one line). Rank 0 of ``--gpus N``
+    runs its command here too."""
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return args.run(args)

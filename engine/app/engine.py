@@ -108,8 +108,9 @@ class RunConfig:
     max_sessions: int = 1
     """Sessions that may run at once on the engine's weights (their student calls are batched)."""
     gpus: int = 1
-    """Ranks one stream's student runs on (sequence parallel, dit/parallel.py); above 1 the engine is built inside
-    rank 0 of an initialised torch.distributed group (``lipforcing run --gpus N`` spawns the ranks)."""
+    """Ranks each stream's student runs on (sequence parallel, dit/parallel.py); above 1 the engine is built inside
+    rank 0 of an initialised torch.distributed group (``lipforcing run|serve --gpus N`` spawns the ranks). Several
+    sessions share the ranks as they share one GPU (their chunks batched on every rank)."""
 
     def __post_init__(self) -> None:
         if not self.device:
@@ -126,8 +127,6 @@ class RunConfig:
             raise ConfigError("several sessions at once need the static scheduler")
         if self.gpus < 1:
             raise ConfigError(f"gpus must be at least 1, got {self.gpus}")
-        if self.gpus > 1 and self.max_sessions > 1:
-            raise ConfigError("one stream on several GPUs runs one session per engine (max_sessions 1)")
         if self.compile and self.scheduler != "static":
             raise ConfigError("--compile needs the static scheduler")
         if self.cuda_graphs and (self.scheduler != "static" or not self.device.startswith("cuda")):
@@ -211,12 +210,19 @@ def missing_weights(cfg: RunConfig, w: Weights) -> list[str]:
     return lines
 
 
+def require_weights(cfg: RunConfig, weights: Weights, *, student_only: bool = False) -> None:
+    """WeightsError naming every weight file a run of ``cfg`` still needs (``student_only``: the checkpoint)."""
+    missing = missing_weights(cfg, weights)
+    if student_only:
+        missing = [line for line in missing if line.startswith("--ckpt")]
+    if missing:
+        raise WeightsError(f"the {cfg.model} model needs these weight files:\n  " + "\n  ".join(missing))
+
+
 def load_networks(cfg: RunConfig, weights: Weights = Weights()) -> Networks:
     """Load (or, for the tiny model, build with random weights) every network a run of ``cfg`` uses, each
     straight into its dtype on its device."""
-    missing = missing_weights(cfg, weights)
-    if missing:
-        raise WeightsError(f"the {cfg.model} model needs these weight files:\n  " + "\n  ".join(missing))
+    require_weights(cfg, weights)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
@@ -236,13 +242,26 @@ def load_networks(cfg: RunConfig, weights: Weights = Weights()) -> Networks:
     from ..dit.checkpoint import load_student
     from ..media.audio_features import Wav2Vec2Features
 
-    dtype, fp8 = parse_precision(cfg.dtype)
-    student = load_student(weights.ckpt, cfg=ModelConfig.from_name(cfg.model), device=device, dtype=dtype, fp8=fp8)
+    dtype = parse_precision(cfg.dtype)[0]
+    student = load_student_network(cfg, weights)
     vae = load_wan_vae(weights.vae, device=device, dtype=dtype) if "wan" in (cfg.encoder, cfg.decoder) else None
     taehv = load_taehv(weights.taehv, device=device, dtype=dtype) if "taehv" in (cfg.encoder, cfg.decoder) else None
     _drop_unused_halves(cfg, vae, taehv)
     audio = AudioEncoder(lambda: Wav2Vec2Features.from_dir(weights.wav2vec), device)
     return Networks(student, vae, taehv, audio, load_text_embeds(weights.text_embeds, student.cfg.text_dim))
+
+
+def load_student_network(cfg: RunConfig, weights: Weights = Weights()) -> CausalWanStudent:
+    """The student network alone, as ``load_networks`` loads it (ranks 1..N-1 of ``--gpus N`` need nothing else:
+    the codecs and wav2vec2 run on rank 0)."""
+    if cfg.model == "tiny":
+        return load_networks(cfg, weights).student  # seeded random codecs beside it: a few MB
+    from ..dit.checkpoint import load_student
+
+    require_weights(cfg, weights, student_only=True)
+    dtype, fp8 = parse_precision(cfg.dtype)
+    return load_student(weights.ckpt, cfg=ModelConfig.from_name(cfg.model), device=torch.device(cfg.device),
+                        dtype=dtype, fp8=fp8)
 
 
 def _drop_unused_halves(cfg: RunConfig, vae: WanVAE | None, taehv: TAEHV | None) -> None:
@@ -436,10 +455,11 @@ class Engine:
         self.networks.audio.release()
 
 
-def make_student(config: RunConfig, model: CausalWanStudent):
-    """The scheduler around the student: StaticStudent or the reference StreamingSampler; with ``gpus`` above 1
-    this process's share of the stream (the default torch.distributed group must be initialised)."""
-    stream = StreamConfig.for_resolution(FACE_SIZE, FACE_SIZE)
+def make_student(config: RunConfig, model: CausalWanStudent, stream: StreamConfig | None = None):
+    """The scheduler around the student: StaticStudent or the reference StreamingSampler (``stream``: default the
+    engine's 512x512 face crops); with ``gpus`` above 1 this process's share of the stream (the default
+    torch.distributed group must be initialised)."""
+    stream = stream or StreamConfig.for_resolution(FACE_SIZE, FACE_SIZE)
     parallel = None
     if config.gpus > 1:
         from ..dit.parallel import SequenceParallel

@@ -168,6 +168,13 @@ class StaticStudent:
         self._rows[slot.row] = None
         slot.open = False
 
+    def slot_at(self, row: int) -> Slot:
+        """The open session whose rows start at ``row`` (another rank's scheduler names its sessions so)."""
+        slot = self._rows[row] if 0 <= row < self.slots else None
+        if slot is None:
+            raise ValueError(f"no session holds row {row}")
+        return slot
+
     def _slot(self, slot: Slot | None) -> Slot:
         slot = slot or self._default
         if slot is None:

@@ -19,16 +19,29 @@ def test_two_and_four_ranks_give_one_process_x0_on_the_tiny_model():
         assert document["ranks"][n]["cache_heads_per_rank"] == heads  # the tiny model's 4 heads, split
 
 
-def test_the_static_scheduler_runs_on_two_ranks():
-    """Static buffers (CUDA graphs on CUDA) on each rank, against the same scheduler in one process."""
-    document = check(Spec(model="tiny", chunks=3, scheduler="static"), [2])
-    assert document["failures"] == [] and document["ranks"]["2"]["rel_err"] < 1e-6
+def test_two_and_four_ranks_give_one_process_x0_on_a_14b_wide_block():
+    document = check(Spec(model="14b", layers=1, latent=4, chunks=2), [2, 4])  # dim 5120, 40 heads
+    assert document["failures"] == []
+    for n, heads in (("2", 20), ("4", 10)):
+        assert document["ranks"][n]["rel_err"] < 1e-6
+        assert document["ranks"][n]["cache_heads_per_rank"] == heads
 
 
-def test_two_ranks_give_one_process_x0_on_a_14b_wide_block():
-    document = check(Spec(model="14b", layers=1, latent=4, chunks=2), [2])  # dim 5120, 40 heads
-    assert document["failures"] == [] and document["ranks"]["2"]["rel_err"] < 1e-6
-    assert document["ranks"]["2"]["cache_heads_per_rank"] == 20
+def test_sessions_batched_on_two_ranks_give_one_process_x0():
+    """Three sessions through the engine's batcher and the static scheduler (serve --gpus 2 --max-sessions 3):
+    they join at different chunks, run batched where their window shapes agree, and the first leaves early (the
+    others' rows move); each session's x0 on 2 ranks equals the same sessions in one process, and the other rank
+    served every batcher call. (One session on the static scheduler: test_run's run --gpus 2.)"""
+    document = check(Spec(model="tiny", chunks=4, scheduler="static", sessions=3), [2])
+    assert document["failures"] == []
+    for n in ("2",):
+        ranks = document["ranks"][n]
+        assert ranks["rel_err"] < 1e-6
+        assert 2 in ranks["batches"]  # sessions did run as one batch on the ranks
+        assert len(ranks["served"]) == int(n) - 1
+        for served in ranks["served"]:
+            assert served["open_slot"] == served["close_slot"] == served["start_clip"] == 3
+            assert served["run_group"] == len(ranks["batches"])
 
 
 def test_a_rank_that_vanishes_stops_the_others_with_a_clear_error():
