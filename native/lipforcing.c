@@ -421,14 +421,19 @@ static int wrap_session(PyObject *obj, lf_session **out) {
     return LF_OK;
 }
 
-int lf_create(const lf_config *config, lf_session **out) {
+/* The start of lf_create and lf_engine_create: the arguments and the config checked (into `checked`), Python
+   ready. */
+static int begin_create(const lf_config *config, const void *out, lf_config *checked, const char *api) {
     error_message[0] = 0;
-    if (!config || !out) return fail(LF_ERR_ARGUMENT, "lf_create: config and out must not be NULL");
-    *out = NULL;
+    if (!config || !out) return fail(LF_ERR_ARGUMENT, "%s: config and out must not be NULL", api);
+    int status = check_config(config, checked, api);
+    return status != LF_OK ? status : ready();
+}
+
+int lf_create(const lf_config *config, lf_session **out) {
+    if (out) *out = NULL;
     lf_config checked;
-    int status = check_config(config, &checked, "lf_create");
-    if (status != LF_OK) return status;
-    status = ready();
+    int status = begin_create(config, out, &checked, "lf_create");
     if (status != LF_OK) return status;
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *dict = config_dict(&checked);
@@ -439,13 +444,9 @@ int lf_create(const lf_config *config, lf_session **out) {
 }
 
 int lf_engine_create(const lf_config *config, lf_engine **out) {
-    error_message[0] = 0;
-    if (!config || !out) return fail(LF_ERR_ARGUMENT, "lf_engine_create: config and out must not be NULL");
-    *out = NULL;
+    if (out) *out = NULL;
     lf_config checked;
-    int status = check_config(config, &checked, "lf_engine_create");
-    if (status != LF_OK) return status;
-    status = ready();
+    int status = begin_create(config, out, &checked, "lf_engine_create");
     if (status != LF_OK) return status;
     lf_engine *engine = (lf_engine *)calloc(1, sizeof *engine);
     if (!engine) return fail(LF_ERR_INTERNAL, "lf_engine_create: out of memory");
