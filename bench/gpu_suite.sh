@@ -61,8 +61,13 @@ if [ $DRY = 1 ]; then
     MODEL_LARGE=("${MODEL_SMALL[@]}")
     CHECK=(--models tiny --size 64)
     CHUNKS_13=1 CHUNKS_14=1 CHUNKS_SESSIONS=1 SESSIONS=1,2 QUALITY_FRAME=240x320 TUNE_MODELS=tiny
-    VARIANTS_14=reference  # the same tiny model as step 4: its command line is what the dry run checks
-    QUALITY_VARIANTS=reference,+streams,+fp8  # the gate's machinery (the other paths' equality has its own tests)
+    # Each step's command line and JSON are what the dry run checks; every variant costs ~12 s here (33 frames
+    # through the 512x512 crops), so each runs once across steps 4, 5 and 7: the ablation's steps up to
+    # +decoder (+kernels and +decoder cost nothing: the same path as reference and +streams here), +sdpa as
+    # step 5's one variant, +fp8 in the quality gate (the fast paths' equality with the reference has its own tests)
+    VARIANTS_13=(--variants reference,+kernels,+graphs,+streams,+decoder)
+    VARIANTS_14=+sdpa
+    QUALITY_VARIANTS=reference,+fp8
 else
     device=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || exit 2
     cap() { echo "$1"; }
@@ -70,6 +75,7 @@ else
     MODEL_LARGE=(--model 14b)
     CHECK=(--models 1.3b,14b --layers 2)
     CHUNKS_13=8 CHUNKS_14=4 CHUNKS_SESSIONS=6 SESSIONS=1,2,4,8 QUALITY_FRAME=480x640 TUNE_MODELS=1.3b,14b
+    VARIANTS_13=()  # every variant of the ablation (the default)
     VARIANTS_14=reference,+kernels,+streams
     QUALITY_VARIANTS=reference,+kernels,+graphs,+streams,+sdpa,+fp8
 fi
@@ -105,6 +111,7 @@ step "1b attention backends measured" 30 "${LF[@]}" kernels --tune --model "$TUN
 step "2+3 triton, graphs, streams" 65 "$PYTHON" -m lipforcing.bench.device_check "${CHECK[@]}" \
     --out "$OUT/$device-device-check.json"
 step "4 session bench 1.3B" 95 "${LF[@]}" bench "${MODEL_SMALL[@]}" --chunks "$CHUNKS_13" --quiet \
+    ${VARIANTS_13[@]+"${VARIANTS_13[@]}"} \
     --out "$OUT/$device-bench-1.3b.json"
 step "5 session bench 14B" 85 "${LF[@]}" bench "${MODEL_LARGE[@]}" --chunks "$CHUNKS_14" --quiet \
     --variants "$VARIANTS_14" --out "$OUT/$device-bench-14b.json"

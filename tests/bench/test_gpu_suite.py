@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from lipforcing.bench.report import validate
+from lipforcing.bench.session import ABLATION
 from lipforcing.cli import main
 
 BENCH = ["bench", "--device", "cpu", "--frame-size", "240x320", "--chunks", "1", "--quiet"]
@@ -70,11 +71,17 @@ def test_bench_measures_the_session_with_the_ablation(dry_run):
     report = _report(out, "bench-1.3b")
     assert validate(report) == []
     assert report["device"]["type"] == "cpu" and "CPU figures" in report["device"]["note"]
+    assert list(ABLATION) == ["reference", "+kernels", "+graphs", "+streams", "+decoder", "+sdpa", "+fp8"]
     results = report["results"]
-    assert list(results) == ["reference", "+kernels", "+graphs", "+streams", "+decoder", "+sdpa", "+fp8"]
-    assert results["+sdpa"]["path"]["attention"] == "sdpa" and results["+sdpa"]["fps"] > 0
-    assert results["+fp8"]["path"]["dtype"] == "fp8" and results["+fp8"]["path"]["kv_cache"] == "float8_e4m3fn"
-    assert results["+fp8"]["fps"] > 0 and results["+streams"]["path"]["kv_cache"] == "float32"
+    # the dry run measures each variant once across the steps: up to +decoder in step 4, +sdpa in step 5 (the same
+    # tiny model and frames), +fp8 in the quality gate (step 7)
+    assert list(results) == ["reference", "+kernels", "+graphs", "+streams", "+decoder"]
+    sdpa = _report(out, "bench-14b")
+    assert validate(sdpa) == [] and list(sdpa["results"]) == ["+sdpa"]
+    assert sdpa["results"]["+sdpa"]["path"]["attention"] == "sdpa" and sdpa["results"]["+sdpa"]["fps"] > 0
+    fp8 = _report(out, "quality-1.3b")["results"]["+fp8"]
+    assert fp8["path"]["dtype"] == "fp8" and fp8["path"]["kv_cache"] == "float8_e4m3fn"
+    assert fp8["fps"] > 0 and results["+streams"]["path"]["kv_cache"] == "float32"
     # no CUDA here: the Triton kernels cannot run, so +kernels is the reference path; the others run
     assert results["+kernels"]["same_path_as"] == "reference"
     assert any("Triton" in why for why in results["+kernels"]["skipped"])
@@ -96,10 +103,11 @@ def test_quality_gate_compares_every_fast_path_with_the_reference(dry_run):
     _, out, _ = dry_run
     report = _report(out, "quality-1.3b")
     results = report["results"]
-    # the reference against a second run of itself is exact; the fast paths reproduce it
+    # the reference against a second run of itself is exact; the fast path on fp8 reproduces it (the fast path
+    # itself equals the reference frame for frame: tests/app/test_session.py)
     assert results["reference"]["quality"]["drop_pct"] == 0 and results["reference"]["quality"]["psnr"] == "inf"
-    assert list(results) == ["reference", "+streams", "+fp8"]  # the dry run's gate: the device runs every variant
-    for name in ("+streams", "+fp8"):
+    assert list(results) == ["reference", "+fp8"]  # the dry run's gate: the device runs every variant
+    for name in ("+fp8",):
         assert results[name]["quality"]["drop_pct"] <= 1, results[name]["quality"]
         assert "syncnet_v2.model" in results[name]["quality"]["note"]  # Sync-C needs weights: said, not faked
     assert results["+fp8"]["quality"]["psnr"] != "inf"  # the fp8 student ran: its frames are not bit-exact
@@ -141,7 +149,7 @@ def test_bench_writes_each_variant_as_it_is_done(tmp_path, monkeypatch):
     assert report["results"]["reference"]["frames"] == 33
 
 
-def test_bench_compare_exit_status(dry_run, tmp_path):
+def test_bench_compare_exit_status(dry_run, tmp_path, monkeypatch, capsys):
     _, out, _ = dry_run
     report = _report(out, "bench-1.3b")
     faster = copy.deepcopy(report)
@@ -151,7 +159,21 @@ def test_bench_compare_exit_status(dry_run, tmp_path):
     base = tmp_path / "fast.json"
     base.write_text(json.dumps(faster))
     args = [*BENCH, "--variants", "reference"]
+    # The measurement is the dry run's (step 4 ran this command line with more variants): the command gets that
+    # report's reference for its own configuration, and gates it against the baseline.
+    from lipforcing.bench import commands
+
+    measured = []
+
+    def recorded(cfg, out=None):
+        measured.append(cfg)
+        return {**copy.deepcopy(report), "results": {k: report["results"][k] for k in cfg.variants}}
+
+    monkeypatch.setattr(commands, "run_bench", recorded)
     assert main([*args, "--compare", str(base), "--max-regression", "5"]) == 1
+    assert [c.variants for c in measured] == [("reference",)] and measured[0].frame_hw == (240, 320)
+    printed = capsys.readouterr().out
+    assert "compare: FAIL reference: " in printed and "a regression beyond 5%" in printed, printed
     assert main([*args, "--compare", str(tmp_path / "absent.json")]) == 2
     elsewhere = copy.deepcopy(report)
     elsewhere["device"]["name"] = "another machine"
