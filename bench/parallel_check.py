@@ -129,6 +129,7 @@ def sessions_x0(rank: int, world: int, spec: Spec) -> dict:
     from ..engine.dit.config import StreamConfig
     from ..engine.numerics import parse_dtype
     from ..engine.runtime.batcher import StudentBatcher
+    from ..engine.runtime.threads import run_in_threads
 
     device = torch.device(f"cuda:{rank}" if spec.device == "cuda" else spec.device)
     cfg = _config(spec)
@@ -150,34 +151,23 @@ def sessions_x0(rank: int, world: int, spec: Spec) -> dict:
         rounds = max(last)
         barrier = threading.Barrier(spec.sessions)
         out: list[list[torch.Tensor]] = [[] for _ in clips]
-        errors: list[BaseException] = []
 
         def session(i: int) -> None:
-            try:
-                view, clip = views[i], clips[i]
-                for r in range(rounds):
-                    barrier.wait()
-                    c = r - start[i]
-                    if c == 0:
-                        view.start_clip(clip["text"].to(device), clip["audio"].to(device),
-                                        clip["ref"].to(device), clip["mask"].to(device))
-                    if c >= 0 and r < last[i]:
-                        x0 = view.run_chunk(clip["masked"][:, :, 3 * c : 3 * c + 3].to(device),
-                                            clip["ref_seq"][:, :, 3 * c : 3 * c + 3].to(device))
-                        out[i].append(x0.float().cpu())
-                    if r + 1 == last[i]:
-                        view.close()
-            except BaseException as exc:  # noqa: BLE001  (reported by the caller)
-                errors.append(exc)
-                barrier.abort()
+            view, clip = views[i], clips[i]
+            for r in range(rounds):
+                barrier.wait()
+                c = r - start[i]
+                if c == 0:
+                    view.start_clip(clip["text"].to(device), clip["audio"].to(device),
+                                    clip["ref"].to(device), clip["mask"].to(device))
+                if c >= 0 and r < last[i]:
+                    x0 = view.run_chunk(clip["masked"][:, :, 3 * c : 3 * c + 3].to(device),
+                                        clip["ref_seq"][:, :, 3 * c : 3 * c + 3].to(device))
+                    out[i].append(x0.float().cpu())
+                if r + 1 == last[i]:
+                    view.close()
 
-        threads = [threading.Thread(target=session, args=(i,)) for i in range(spec.sessions)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        run_in_threads(session, spec.sessions, on_error=lambda _: barrier.abort())  # a failure frees the others
     finally:
         batcher.shutdown()
         if world > 1:

@@ -342,9 +342,8 @@ def _telemetry() -> dict:
 def _avatar_results(cfg: BenchConfig, networks: Networks, base: RunConfig, frames, speech):
     """The prepared-avatar path (no detection, alignment or encoder) with 1, 2, 4 ... concurrent sessions on one
     engine, each session in its own thread with its own speech; yields (name, result) as each count is done."""
-    import threading
-
     from ..engine.app.avatar import prepare_avatar
+    from ..engine.runtime.threads import run_in_threads
 
     device = torch.device(cfg.device)
     fast, _ = variant_config("+decoder", base, device)
@@ -354,30 +353,21 @@ def _avatar_results(cfg: BenchConfig, networks: Networks, base: RunConfig, frame
     for n in cfg.avatar_sessions:
         engine = Engine(replace(fast, max_sessions=n), networks)
         warm = engine.warm_up()
-        runs, errors = [None] * n, []
+        runs = [None] * n
 
-        def one(i, engine=engine, runs=runs, errors=errors):
-            try:
-                s = engine.session(synth_speech(len(speech) / 16000, seed=i), avatar=avatar, timing=True)
-                began = time.perf_counter()
-                while s.frames_out < s.frames_needed:
-                    s.pop(timeout=0.05)
-                s.close()
-                runs[i] = dict(began=began, ended=time.perf_counter(), done=list(s.chunk_done), frames=s.frames_out,
-                               stages={k: list(v) for k, v in s.timer.samples.items()})
-            except BaseException as exc:  # reported below
-                errors.append(exc)
+        def one(i, engine=engine, runs=runs):
+            s = engine.session(synth_speech(len(speech) / 16000, seed=i), avatar=avatar, timing=True)
+            began = time.perf_counter()
+            while s.frames_out < s.frames_needed:
+                s.pop(timeout=0.05)
+            s.close()
+            runs[i] = dict(began=began, ended=time.perf_counter(), done=list(s.chunk_done), frames=s.frames_out,
+                           stages={k: list(v) for k, v in s.timer.samples.items()})
 
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        run_in_threads(one, n)
         per_session = [12 * (len(r["done"]) - 2) / (r["done"][-1] - r["done"][1]) for r in runs]
         steady_frames = sum(12 * (len(r["done"]) - 2) for r in runs)
         steady_s = max(r["done"][-1] for r in runs) - min(r["done"][1] for r in runs)
