@@ -343,13 +343,13 @@ def _as_ranks(args: argparse.Namespace, cfg, weights) -> int | None:
     import torch.distributed as dist
 
     from ..runtime.ranks import init_from_env, launch_ranks
-    from .engine import require_weights
+    from .engine import require_device, require_weights
     from .ranked import run_rank
 
     if dist.is_initialized():
         return None
     require_weights(cfg, weights)  # said once, before any rank starts
-    cuda = cfg.device.startswith("cuda")
+    cuda = require_device(cfg).type == "cuda"
     backend = "nccl" if cuda else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
         rank, world = init_from_env(backend, timeout_s=600)

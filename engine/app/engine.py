@@ -210,6 +210,14 @@ def missing_weights(cfg: RunConfig, w: Weights) -> list[str]:
     return lines
 
 
+def require_device(cfg: RunConfig) -> torch.device:
+    """The config's device, or ConfigError when it is CUDA and this machine has none."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
 def require_weights(cfg: RunConfig, weights: Weights, *, student_only: bool = False) -> None:
     """WeightsError naming every weight file a run of ``cfg`` still needs (``student_only``: the checkpoint)."""
     missing = missing_weights(cfg, weights)
@@ -223,9 +231,7 @@ def load_networks(cfg: RunConfig, weights: Weights = Weights()) -> Networks:
     """Load (or, for the tiny model, build with random weights) every network a run of ``cfg`` uses, each
     straight into its dtype on its device."""
     require_weights(cfg, weights)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    device = require_device(cfg)
     if cfg.model == "tiny":
         from ..dit.checkpoint import load_student
         from ..tools.tiny import tiny_networks, tiny_wav2vec2

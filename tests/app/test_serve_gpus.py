@@ -112,3 +112,23 @@ def test_serve_on_two_ranks_batches_two_sessions_and_stops_its_ranks(shared_dir,
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_serve_gpus_is_refused_with_ray_and_without_enough_devices(capsys):
+    from lipforcing.cli import main
+
+    assert main(["serve", "--model", "tiny", "--device", "cpu", "--gpus", "2", "--ray"]) == 2
+    assert "--gpus N runs one server on N ranks" in capsys.readouterr().err
+    import torch
+
+    have = torch.cuda.device_count()  # more ranks than CUDA devices (or none at all): said before any rank starts
+    for command in ("serve", "run"):
+        args = [command, *(["x.mp4", "-o", "x.mp4"] if command == "run" else ["--port", str(free_port())]),
+                "--model", "tiny", "--device", "cuda", "--gpus", str(have + 1)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        if torch.cuda.is_available():
+            assert f"--gpus {have + 1}: this machine has {have} CUDA device(s)" in err, err
+        else:
+            assert "--device cuda was asked for but CUDA is not available" in err, err
+        assert "Traceback" not in err

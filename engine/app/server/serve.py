@@ -42,7 +42,9 @@ def default_sessions(config: RunConfig, free_bytes: int | None = None) -> tuple[
     if free_bytes is None:
         import torch
 
-        free_bytes, _ = torch.cuda.mem_get_info(torch.device(config.device))
+        from ..engine import require_device
+
+        free_bytes, _ = torch.cuda.mem_get_info(require_device(config))
     dtype, fp8 = parse_precision(config.dtype)
     plan = memory_plan(ModelConfig.from_name(config.model), StreamConfig.for_resolution(FACE_SIZE, FACE_SIZE),
                        dtype=dtype, fp8=fp8, encoder=config.encoder, decoder=config.decoder, avatar=True)
