@@ -37,6 +37,10 @@ class Spec:
     heads: int | None = None
     """Heads (None: the preset's; the tiny model's 2 are raised to 4 so that 4 ranks split them)."""
     latent: int = 8
+    text_len: int | None = None
+    """Text tokens (None: the preset's; 512 for the real ones). A sequence length, not a weight shape: a short text
+    keeps a real preset's widths while its text path (the embedding, every block's cross-attention K/V) costs a
+    CPU test little."""
     chunks: int = 3
     seed: int = 0
     device: str = "cpu"
@@ -58,6 +62,8 @@ def _config(spec: Spec):
     heads = spec.heads or (4 if spec.model == "tiny" else None)
     if heads:
         changes.update(num_heads=heads, rope_pairs_thw=None)
+    if spec.text_len:
+        changes.update(text_len=spec.text_len)
     if spec.layers:
         kept = tuple(b for b in cfg.audio_blocks if b < spec.layers) or (0,)
         changes.update(num_layers=spec.layers, audio_blocks=kept)
@@ -208,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="tiny")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--latent", type=int, default=8, help="latent height and width")
+    p.add_argument("--text-len", type=int, default=None, help="text tokens (default: the preset's)")
     p.add_argument("--chunks", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on a CPU")
@@ -216,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=1,
                    help="above 1: this many sessions batched on the ranks (the static scheduler, as serve runs them)")
     args = p.parse_args(argv)
-    spec = Spec(model=args.model, layers=args.layers, latent=args.latent, chunks=args.chunks, device=args.device,
+    spec = Spec(model=args.model, layers=args.layers, latent=args.latent, text_len=args.text_len, chunks=args.chunks,
+                device=args.device,
                 dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"), backend=args.backend,
                 scheduler="static" if args.sessions > 1 else args.scheduler, sessions=args.sessions)
     document = check(spec, [int(n) for n in args.ranks.split(",")])

@@ -20,7 +20,8 @@ def test_two_and_four_ranks_give_one_process_x0_on_the_tiny_model():
 
 
 def test_two_and_four_ranks_give_one_process_x0_on_a_14b_wide_block():
-    document = check(Spec(model="14b", layers=1, latent=4, chunks=2), [2, 4])  # dim 5120, 40 heads
+    # dim 5120, 40 heads, every weight at its 14B shape; 16 text tokens instead of 512 (a length, not a shape)
+    document = check(Spec(model="14b", layers=1, latent=4, text_len=16, chunks=2), [2, 4])
     assert document["failures"] == []
     for n, heads in (("2", 20), ("4", 10)):
         assert document["ranks"][n]["rel_err"] < 1e-6
