@@ -158,6 +158,8 @@ def serve_students(rank: int, model_for: Callable) -> dict:
         getattr(student, name)(*_local(args, student, device), **_local(kwargs, student, device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            if name == "warm_up" and config.scheduler == "static":  # as rank 0's engine does (engine.py)
+                student.model.offload_text_weights()  # the text K/V are cached
         calls[name] = calls.get(name, 0) + 1
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - began
 
