@@ -154,7 +154,8 @@ def test_prepare_and_run_from_the_command_line(short_video, tmp_path, capsys):
     speech = tmp_path / "speech.wav"
     import wave
 
-    pcm = (synth_speech(2.0) * 32767).astype("<i2")  # 45 output frames: longer than the 25-frame video
+    # 33 output frames (chunks 0, 1 and one steady-state chunk): longer than the 25-frame video, which loops back
+    pcm = (synth_speech(1.4) * 32767).astype("<i2")
     with wave.open(str(speech), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -163,12 +164,12 @@ def test_prepare_and_run_from_the_command_line(short_video, tmp_path, capsys):
     out, report = tmp_path / "out.mp4", tmp_path / "r.json"
     assert main(["run", "--avatar", str(lfa), "--audio", str(speech), "-o", str(out), "--report", str(report),
                  *TINY_ARGS]) == 0
-    assert len(list(VideoReader(out))) == 45 and probe(out).has_audio
+    assert len(list(VideoReader(out))) == 33 and probe(out).has_audio
     assert json.loads(report.read_text())["avatar"] is True
     live = tmp_path / "live.mp4"
     assert main(["run", "--avatar", str(lfa), "--audio", str(speech), "-o", str(live), "--audio-lookahead", "0.32",
                  "--report", str(report), *TINY_ARGS]) == 0
-    assert len(list(VideoReader(live))) == 45 and json.loads(report.read_text())["audio"] == "live"
+    assert len(list(VideoReader(live))) == 33 and json.loads(report.read_text())["audio"] == "live"
     assert main(["run", "--avatar", str(lfa), "-o", str(out), *TINY_ARGS]) == 2  # an avatar needs speech
     assert main(["run", str(short_video), "--avatar", str(lfa), "-o", str(out), *TINY_ARGS]) == 2
     assert main(["prepare-avatar", str(short_video), "-o", str(tmp_path / "x.mp4"), *TINY_ARGS]) == 2
