@@ -89,7 +89,8 @@ def test_static_warm_up_runs_every_row_and_batch_the_sessions_will_run(model, mo
 def test_no_kernel_tuning_inside_the_clip_after_a_warm_up():
     """The Triton backend (the CPU interpreter here; the same autotuning keys as on a GPU): each scheduler's
     warm-up launches every attention key its clips will launch, so a clip after it tunes nothing. Shapes of their
-    own (4 heads, a 4x8 latent) make the keys new to this process."""
+    own (4 heads, a 2x4 latent: 2 tokens a frame) make the keys new to this process; the interpreter runs every
+    program in Python, so the tokens are few (each kernel's rows and query blocks are its programs)."""
     pytest.importorskip("triton")
     from lipforcing.kernels import triton_available
 
@@ -99,11 +100,11 @@ def test_no_kernel_tuning_inside_the_clip_after_a_warm_up():
     from lipforcing.kernels.sink_window_attention import tuning_events
 
     cfg = CFG.replace(num_heads=4, dim=128, num_layers=1, audio_blocks=(0,))  # head_dim 32 as CFG
-    stream = StreamConfig(latent_h=4, latent_w=8)
+    stream = StreamConfig(latent_h=2, latent_w=4)
     model = random_student(cfg, seed=1, std=0.05)
     clip = _clip(3)
-    clip = dict(clip, ref=torch.randn(1, 16, 1, 4, 8), mask=torch.ones(1, 1, 1, 4, 8),
-                masked=torch.randn(1, 16, 12, 4, 8), ref_seq=torch.randn(1, 16, 12, 4, 8))
+    clip = dict(clip, ref=torch.randn(1, 16, 1, 2, 4), mask=torch.ones(1, 1, 1, 2, 4),
+                masked=torch.randn(1, 16, 12, 2, 4), ref_seq=torch.randn(1, 16, 12, 2, 4))
     start = tuning_events()
     for student in (StreamingSampler(model, stream, backend="triton", seed=3),
                     StaticStudent(model, stream, backend="triton", seed=3, cuda_graphs=False)):
