@@ -8,7 +8,7 @@
 # Needs only the device image (see bench/device_image/sitecustomize.py, which makes every step's Python refuse the
 # packages that image lacks: PyAV, mediapipe, TensorRT, the serving stack, ...). The package is imported from this
 # checkout without installing it. Caches (Triton, ONNX) go to a temporary folder, never to $OUT, so at most
-# 8 files come back: suite.log, env.txt and six JSON documents named <device>-<step>.json.
+# 8 files come back: suite.log, env.txt and six JSON documents named <device>-<step>.json (10 with 2 GPUs).
 #
 # Correctness on the device needs no golden files: the CPU ties the reference path to the original network
 # (check-reference); here every fast path is compared with the reference path on the same device, at the real
@@ -32,6 +32,11 @@
 #                                                 (rows, shape) the sessions will (<= 45 graphs at 8), 8 chunks each
 #   7 quality gate (1.3B)          ~45 s   55 s  reference twice + 5 fast variants, 3 chunks at 480x640
 #   total                         ~340 s  435 s  (+ ~5 s of preamble) <= 440 s: room to rerun in 15 minutes
+#   8 one stream on 2 GPUs         ~60 s   90 s  only where 2 GPUs are (NCCL refuses two ranks on one GPU; on one
+#                                                 it is skipped, costing nothing): a 2-block 14B-wide model at
+#                                                 512x512 on the static scheduler (CUDA graphs around NCCL's
+#                                                 all-to-alls), sdpa, 2 ranks against one process (x0 error, seconds
+#                                                 per chunk), then bench --gpus 2 at 1.3B (+streams: FPS, first frame)
 set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/.."
@@ -119,6 +124,22 @@ step "6 sessions per GPU" 65 "${LF[@]}" bench "${MODEL_SMALL[@]}" --avatar --ses
     --chunks "$CHUNKS_SESSIONS" --quiet --out "$OUT/$device-sessions-1.3b.json"
 step "7 quality gate" 55 "${LF[@]}" bench "${MODEL_SMALL[@]}" --chunks 1 --quality --max-quality-drop 1 \
     --variants "$QUALITY_VARIANTS" --quiet --frame-size "$QUALITY_FRAME" --out "$OUT/$device-quality-1.3b.json"
+if [ $DRY = 1 ]; then
+    GPUS=2  # gloo processes on the CPU: the step's command line and JSON
+    PARALLEL=(--ranks 2 --chunks 2)
+else
+    GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+    PARALLEL=(--ranks 2 --device cuda --model 14b --layers 2 --latent 64 --chunks 4 --backend sdpa --scheduler static)
+fi
+if [ "$GPUS" -ge 2 ]; then
+    step "8 one stream on 2 GPUs" 60 "$PYTHON" -m lipforcing.bench.parallel_check "${PARALLEL[@]}" \
+        --out "$OUT/$device-parallel.json"
+    [ $DRY = 0 ] && step "8b bench on 2 GPUs" 30 "${LF[@]}" bench "${MODEL_SMALL[@]}" --gpus 2 --variants +streams \
+        --chunks "$CHUNKS_14" --quiet --out "$OUT/$device-bench-2gpus.json"
+else
+    echo "== 8 one stream on 2 GPUs: skipped ($GPUS GPU here; NCCL needs one GPU per rank)" | tee -a "$LOG"
+    SUMMARY+=("$(printf '%-34s skipped: %s GPU' "8 one stream on 2 GPUs" "$GPUS")")
+fi
 golden=("${LIPFORCING_SHARED:-../shared}"/golden/*.safetensors)
 if [ ${#golden[@]} -gt 0 ]; then
     dev=$([ $DRY = 1 ] && echo cpu || echo cuda)

@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on a CPU")
     p.add_argument("--backend", default="reference")
     p.add_argument("--scheduler", default="reference", choices=["reference", "static"])
+    p.add_argument("--out", default=None, help="also write the JSON document here")
     p.add_argument("--sessions", type=int, default=1,
                    help="above 1: this many sessions batched on the ranks (the static scheduler, as serve runs them)")
     args = p.parse_args(argv)
@@ -229,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                 scheduler="static" if args.sessions > 1 else args.scheduler, sessions=args.sessions)
     document = check(spec, [int(n) for n in args.ranks.split(",")])
     print(json.dumps(document))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(document, indent=1) + "\n")
     return 1 if document["failures"] else 0
 
 

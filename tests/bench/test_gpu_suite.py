@@ -18,7 +18,7 @@ from lipforcing.bench.session import ABLATION
 from lipforcing.cli import main
 
 BENCH = ["bench", "--device", "cpu", "--frame-size", "240x320", "--chunks", "1", "--quiet"]
-STEPS = ("kernels", "device-check", "bench-1.3b", "bench-14b", "sessions-1.3b", "quality-1.3b")
+STEPS = ("kernels", "device-check", "bench-1.3b", "bench-14b", "sessions-1.3b", "quality-1.3b", "parallel")
 
 
 @pytest.fixture(scope="session")
@@ -41,15 +41,17 @@ def test_dry_run_passes_every_step_on_the_device_image_packages(dry_run):
     assert rc == 0, stdout[-3000:]
     summary = stdout[stdout.index("== summary"):]
     for step in ("1 kernels", "2+3 triton, graphs, streams", "4 session bench", "5 session bench", "6 sessions",
-                 "7 quality gate"):
+                 "7 quality gate", "8 one stream on 2 GPUs"):
         assert step in summary
     assert "exit   0" in summary and "exit 1" not in summary.replace("exit   0", "")
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["env.txt", "suite.log", *(f"cpu-dryrun-{s}.json" for s in STEPS)])  # <= 8, no caches
+    assert files == sorted(["env.txt", "suite.log", *(f"cpu-dryrun-{s}.json" for s in STEPS)])  # <= 10, no caches
     log = (out / "suite.log").read_text()
     assert "ModuleNotFoundError" not in log and "Traceback" not in log
-    for step in STEPS[1:]:
+    for step in STEPS[1:-1]:
         assert _report(out, step)["complete"] is True, step
+    parallel = _report(out, "parallel")  # gloo ranks here; NCCL, one GPU each, on a device with two
+    assert parallel["failures"] == [] and parallel["ranks"]["2"]["rel_err"] < 1e-6
     check = _report(out, "device-check")
     assert check["failures"] == [] and check["models"][0]["static_vs_reference_rel_err"] == [0.0, 0.0, 0.0]
 
