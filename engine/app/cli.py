@@ -476,8 +476,6 @@ def _serve(args: argparse.Namespace) -> int:
         from .server.serve import default_sessions
 
         sessions, why = default_sessions(cfg)
-        logging.getLogger("lipforcing").warning("lipforcing serve: %d session(s) per engine (%s; --max-sessions "
-                                                "sets it)", sessions, why)
     else:
         sessions = args.max_sessions
     options = ServerOptions(
@@ -494,6 +492,9 @@ def _serve(args: argparse.Namespace) -> int:
         if status is not None:
             return status
         options = replace(options, run_config=_rank_zero_config(options.run_config))
+    if args.max_sessions is None:  # said once: by the process that serves (rank 0 with --gpus)
+        logging.getLogger("lipforcing").warning("lipforcing serve: %d session(s) per engine (%s; --max-sessions "
+                                                "sets it)", sessions, why)
     if args.ray:
         from .server.serve import run_ray
 
