@@ -468,14 +468,24 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--replicas N (N >= 1) applies with --ray")
     if args.gpus > 1 and args.ray:
         raise ConfigError("--gpus N runs one server on N ranks; Ray replicas take one GPU each (drop --ray or --gpus)")
-    for name in ("max_message_kb", "max_upload_mb", "max_uploads_mb", "max_connections", "idle_timeout", "max_lag"):
-        if getattr(args, name) <= 0:
+    for name in ("max_message_kb", "max_upload_mb", "max_uploads_mb", "max_connections", "idle_timeout", "max_lag",
+                 "max_sessions"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     cfg, weights = engine_config(args)
-    if args.max_sessions is None:
+    _require_server_packages(ray=args.ray)
+    _check_port_free(args.host, args.port)  # before the warm-up, not after it
+    if cfg.gpus > 1:  # the launcher ends here, when the ranks do; rank 0 goes on below, on its own device
+        status = _as_ranks(args, cfg, weights)
+        if status is not None:
+            return status
+        cfg = _rank_zero_config(cfg)
+    if args.max_sessions is None:  # sized on the device that serves (no CUDA context in a --gpus launcher)
         from .server.serve import default_sessions
 
         sessions, why = default_sessions(cfg)
+        logging.getLogger("lipforcing").warning("lipforcing serve: %d session(s) per engine (%s; --max-sessions "
+                                                "sets it)", sessions, why)
     else:
         sessions = args.max_sessions
     options = ServerOptions(
@@ -485,16 +495,6 @@ def _serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout, max_lag=args.max_lag,
         lookahead=DEFAULT_LOOKAHEAD_S if args.lookahead is None else args.lookahead,
     )
-    _require_server_packages(ray=args.ray)
-    _check_port_free(args.host, args.port)  # before the warm-up, not after it
-    if cfg.gpus > 1:
-        status = _as_ranks(args, cfg, weights)
-        if status is not None:
-            return status
-        options = replace(options, run_config=_rank_zero_config(options.run_config))
-    if args.max_sessions is None:  # said once: by the process that serves (rank 0 with --gpus)
-        logging.getLogger("lipforcing").warning("lipforcing serve: %d session(s) per engine (%s; --max-sessions "
-                                                "sets it)", sessions, why)
     if args.ray:
         from .server.serve import run_ray
 
