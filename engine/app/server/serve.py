@@ -29,7 +29,8 @@ def default_sessions(config: RunConfig, free_bytes: int | None = None) -> tuple[
     its cores) or without the static scheduler; on a GPU as many as the memory plan of sessions on prepared
     avatars (``lipforcing info --memory --avatar``, at the engine's 512x512 face crops and 1080p frames) fits in
     90% of the device's free memory, at most ``MAX_DEFAULT_SESSIONS``. ``free_bytes``: the device's free memory
-    (default: asked from CUDA)."""
+    (default: asked from CUDA). With ``gpus`` above 1 the one-GPU plan sizes rank 0 too: it errs on the safe side
+    (rank 0 holds 1/N of each session's KV cache)."""
     if not config.device.startswith("cuda"):
         return 1, "on a CPU"
     if config.scheduler != "static":
