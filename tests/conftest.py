@@ -14,6 +14,16 @@ if not torch.cuda.is_available():
     # before any test module imports Triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+SERVER_PACKAGES = ("fastapi", "uvicorn", "websockets", "av", "mediapipe", "transformers")
+"""What a test of ``lipforcing serve`` with the tiny model needs (``require(*SERVER_PACKAGES)``)."""
+
+
+def require(*packages: str) -> None:
+    """Skip the calling test module unless every one of ``packages`` imports."""
+    for name in packages:
+        pytest.importorskip(name)
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIPFORCING_SHARED", REPO_ROOT.parent / "shared"))
 

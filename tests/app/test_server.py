@@ -21,14 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("websockets")
-pytest.importorskip("av")
-pytest.importorskip("mediapipe")
-pytest.importorskip("transformers")
+from conftest import SERVER_PACKAGES, in_threads, require
 
-from conftest import in_threads  # noqa: E402
+require(*SERVER_PACKAGES)
+
 from lipforcing.cli import main  # noqa: E402
 from lipforcing.engine.app.server import protocol  # noqa: E402
 from lipforcing.engine.app.server.client import ClientOptions, run_client  # noqa: E402
