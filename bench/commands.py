@@ -42,20 +42,15 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="the student of each variant on this many ranks, one stream (sequence parallel; one GPU "
                         "each, or CPU processes): the report adds each rank's calls and seconds")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=_bench)
+    p.set_defaults(run=_bench, rank_student=_rank_student)
 
 
 def _bench_on_ranks(args: argparse.Namespace, cfg: BenchConfig) -> int:
     """``bench --gpus N``: N spawned ranks, rank 0 running this command; each rank's calls and seconds are added
     to the report (``ranks``)."""
-    import torch
+    from ..engine.app.ranked import spawn_ranks
 
-    from ..engine.runtime.ranks import launch_ranks
-
-    cuda = cfg.device == "cuda"
-    if cuda and torch.cuda.device_count() < cfg.gpus:
-        raise ConfigError(f"--gpus {cfg.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    values = launch_ranks(bench_rank, cfg.gpus, (args.argv,), backend="nccl" if cuda else "gloo", timeout_s=600)
+    values = spawn_ranks(args, cfg.gpus, cfg.device)
     status, workers = values[0], values[1:]
     for w in workers:
         kinds = ", ".join(f"{k} {w['calls'][k]} calls {w['seconds'][k]:.2f} s" for k in w["calls"])
@@ -67,24 +62,14 @@ def _bench_on_ranks(args: argparse.Namespace, cfg: BenchConfig) -> int:
     return status
 
 
-def bench_rank(rank: int, world: int, argv: list[str]) -> int | dict:
-    """The target of each rank of ``bench --gpus N``: rank 0 runs the bench, the others serve its students."""
-    from ..engine.app.cli import build_parser, configure_logging, run_command
-    from ..engine.app.ranked import end_ranks, serve_students
+def _rank_student(args: argparse.Namespace, rank: int):
+    """Ranks 1..N-1 of ``bench --gpus N``: every variant's student network, on the rank's device."""
     from .session import _networks_for, build_networks
 
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    configure_logging(args.verbose)
-    if rank == 0:
-        try:
-            return run_command(args)  # its exit status, as the command alone gives it
-        finally:
-            end_ranks()
     cfg = _bench_config(args)
     cfg = replace(cfg, device=f"cuda:{rank}" if cfg.device == "cuda" else cfg.device)
     networks, made = build_networks(cfg), {}
-    return serve_students(rank, lambda config: _networks_for(config, networks, made).student)
+    return lambda config: _networks_for(config, networks, made).student
 
 
 def _bench_config(args: argparse.Namespace) -> BenchConfig:

@@ -305,7 +305,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="run the student on this many ranks, one stream (sequence parallel; one GPU each, or CPU "
                         "processes); see `lipforcing info --gpus N`")
     add_engine_options(p)
-    p.set_defaults(run=_run)
+    p.set_defaults(run=_run, rank_student=_rank_student)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -339,28 +339,32 @@ def _as_ranks(args: argparse.Namespace, cfg, weights) -> int | None:
     """``--gpus N`` (run, serve): this command becomes rank 0 of N ranks, the others serving its student
     (ranked.py). Returns the command's exit status once the ranks are done; None when this process is rank 0
     already (torch.distributed is initialised): the command goes on here."""
-    import torch
     import torch.distributed as dist
 
-    from ..runtime.ranks import init_from_env, launch_ranks
+    from ..runtime.ranks import init_from_env
     from .engine import require_device, require_weights
-    from .ranked import run_rank
+    from .ranked import run_rank, spawn_ranks
 
     if dist.is_initialized():
         return None
     require_weights(cfg, weights)  # said once, before any rank starts
-    cuda = require_device(cfg).type == "cuda"
-    backend = "nccl" if cuda else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
-        rank, world = init_from_env(backend, timeout_s=600)
+        rank, world = init_from_env("nccl" if require_device(cfg).type == "cuda" else "gloo", timeout_s=600)
         if world != cfg.gpus:
             raise ConfigError(f"--gpus {cfg.gpus} but torchrun started {world} processes")
         result = run_rank(rank, world, args.argv)
         return result if rank == 0 else 0
-    if cuda and torch.cuda.device_count() < cfg.gpus:
-        raise ConfigError(f"--gpus {cfg.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    # spawn the ranks; this command goes on in their rank 0
-    return launch_ranks(run_rank, cfg.gpus, (args.argv,), backend=backend, timeout_s=600)[0]
+    return spawn_ranks(args, cfg.gpus, str(require_device(cfg)))[0]  # this command goes on in rank 0
+
+
+def _rank_student(args: argparse.Namespace, rank: int):
+    """Ranks 1..N-1 of run and serve --gpus N: the student network alone, on the rank's device."""
+    from .engine import load_student_network
+    from .ranked import rank_config
+
+    cfg, weights = engine_config(args)
+    student = load_student_network(rank_config(cfg, rank), weights)
+    return lambda config: student
 
 
 def _rank_zero_config(cfg):
@@ -431,7 +435,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="run every session's student on this many ranks (sequence parallel; one GPU each, or CPU "
                         "processes): faster streams, not more of them; see `lipforcing info --gpus N`")
     add_engine_options(p)
-    p.set_defaults(run=_serve)
+    p.set_defaults(run=_serve, rank_student=_rank_student)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -164,12 +164,17 @@ def serve_students(rank: int, model_for: Callable) -> dict:
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - began
 
 
-def run_rank(rank: int, world: int, argv: list[str]) -> int | dict:
-    """The target of each rank of ``lipforcing run|serve --gpus N`` (engine/runtime/ranks.py spawns them): rank 0
-    runs the command, the others serve its student."""
-    from .cli import build_parser, configure_logging, engine_config, run_command
-    from .engine import load_student_network
+def run_rank(rank: int, world: int, argv: list[str], module: str | None = None) -> int | dict:
+    """The target of each rank of ``lipforcing run|serve|bench --gpus N`` (``spawn_ranks``, or torchrun): rank 0
+    runs the command, the others serve its student, the network each needs coming from the command's
+    ``rank_student(args, rank)`` (a parser default). ``module``: the command's own, imported first (a package above
+    the engine, such as bench, registers its commands when imported)."""
+    import importlib
 
+    from .cli import build_parser, configure_logging, run_command
+
+    if module:
+        importlib.import_module(module)
     args = build_parser().parse_args(argv)
     args.argv = argv
     configure_logging(args.verbose)
@@ -180,9 +185,20 @@ def run_rank(rank: int, world: int, argv: list[str]) -> int | dict:
             return run_command(args)
         finally:
             end_ranks()
-    cfg, weights = engine_config(args)
-    student = load_student_network(rank_config(cfg, rank), weights)
-    return serve_students(rank, lambda config: student)
+    return serve_students(rank, args.rank_student(args, rank))
+
+
+def spawn_ranks(args, gpus: int, device: str) -> list:
+    """Spawn ``gpus`` ranks of the parsed command ``args`` (``run_rank`` on its command line: gloo processes on a
+    CPU, NCCL with one CUDA device each); their return values by rank (rank 0's: the command's exit status)."""
+    from ..errors import ConfigError
+    from ..runtime.ranks import launch_ranks
+
+    cuda = device.startswith("cuda")
+    if cuda and torch.cuda.device_count() < gpus:
+        raise ConfigError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return launch_ranks(run_rank, gpus, (args.argv, args.run.__module__), backend="nccl" if cuda else "gloo",
+                        timeout_s=600)
 
 
 def rank_config(cfg, rank: int):

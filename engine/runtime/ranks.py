@@ -125,7 +125,7 @@ def launch_ranks(target: Callable, world: int, args: tuple = (), *, backend: str
         (values if ok else reported)[rank] = value
 
     deadline = float("inf")  # once a rank failed or vanished: how long the others get to notice and stop
-    interrupted = True  # until the ranks are done: a signal or Ctrl-C in this process stops them
+    interrupted = True  # until the ranks are done: an error in this process while it waits stops them
     try:
         while len(values) + len(reported) < world:
             try:
