@@ -85,8 +85,9 @@ def _export_aot_args(p: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="tiny (seeded random weights, as the engine's), 1.3b or 14b (with --ckpt)")
     source.add_argument("--golden", metavar="FILE", help="a golden file: its configuration and weights")
     p.add_argument("--ckpt", default=None, help="student weights for --model 1.3b / 14b")
-    p.add_argument("--height", type=int, default=512, help="face crop height for --model (default 512)")
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=None,
+                   help="face crop height for --model (default: the model's, 512; tiny 256)")
+    p.add_argument("--width", type=int, default=None)
     p.add_argument("--device", default="cpu", help="where the packages run (default cpu)")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.add_argument("--quiet", action="store_true")
@@ -98,7 +99,7 @@ def _export_aot(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..dit.config import ModelConfig, StreamConfig
+    from ..dit.config import ModelConfig
     from ..tools.aot import export_aot
 
     if args.golden:
@@ -112,15 +113,14 @@ def _export_aot(args: argparse.Namespace) -> int:
         from ..dit.build import random_student
 
         student = random_student(ModelConfig.from_name("tiny"), device=args.device, dtype=torch.float32, seed=0)
-        stream = StreamConfig.for_resolution(args.height, args.width)
+        stream = _stream_config(student.cfg, args.height, args.width)
     else:
         if not args.ckpt:
             raise ConfigError(f"--model {args.model} needs --ckpt (its student weights)")
         from ..dit.checkpoint import load_student
 
-        student = load_student(args.ckpt, cfg=ModelConfig.from_name(args.model), device=args.device,
-                               dtype=torch.float32)
-        stream = StreamConfig.for_resolution(args.height, args.width)
+        student = load_student(args.ckpt, cfg=_model_config(args.model), device=args.device, dtype=torch.float32)
+        stream = _stream_config(student.cfg, args.height, args.width)
     began = time.monotonic()
     say = None if args.quiet else (lambda name: print(f"compiling {name} ({time.monotonic() - began:.0f} s)"))
     description = export_aot(student, stream, args.output, progress=say)
@@ -133,8 +133,8 @@ def _export_aot(args: argparse.Namespace) -> int:
 @command("info", "parameters, FLOPs, compute floors and the memory plan of a model at a resolution")
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="1.3b", help="tiny, 1.3b or 14b")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=None, help="face crop height (default: the model's, 512; tiny 256)")
+    p.add_argument("--width", type=int, default=None)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
                    help="fp8: e4m3 block weights and KV cache (engine/dit/fp8.py)")
     p.add_argument("--encoder", default="wan", choices=["wan", "taehv"])
@@ -153,7 +153,7 @@ def _info(args: argparse.Namespace) -> int:
     from ..numerics import parse_precision
 
     cfg = _model_config(args.model)
-    stream = _stream_config(args.height, args.width)
+    stream = _stream_config(cfg, args.height, args.width)
     dtype, fp8 = parse_precision(args.dtype)
     if args.sessions is not None and args.sessions < 1:
         raise ConfigError(f"--sessions must be at least 1, got {args.sessions}")
@@ -730,11 +730,10 @@ def _model_config(name: str):
         raise ConfigError(str(exc)) from None
 
 
-def _stream_config(height: int, width: int):
-    from ..dit.config import StreamConfig
-
+def _stream_config(cfg, height: int | None, width: int | None):
+    """``cfg``'s stream at height x width (default its face crops), a bad size said in one line."""
     try:
-        return StreamConfig.for_resolution(height, width)
+        return cfg.face_stream(height, width)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -796,10 +795,18 @@ def run_command(args: argparse.Namespace) -> int:
         return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        _interrupt_handled()
         return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_handled() -> None:
+    """Keep Ctrl-C's exit status 130. CPython run with ``-m`` kills itself with SIGINT at exit (status -2) when a
+    KeyboardInterrupt last left code run from a string (``exec``: dataclasses, namedtuples, lazy imports), even one
+    handled since; a string run that succeeds clears that mark."""
+    exec("pass")
 
 
 def _main_thread() -> bool:

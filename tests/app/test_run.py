@@ -297,6 +297,18 @@ def test_interrupted_run_leaves_a_valid_file_or_none(shared_dir, tmp_path, sig):
         assert noise not in text, text
 
 
+def test_ctrl_c_through_code_run_from_a_string_still_exits_130(tmp_path):
+    """CPython under ``-m`` ends a process with SIGINT (-2) when a KeyboardInterrupt last passed through code run
+    from a string (exec: dataclasses, namedtuples), handled or not; the command's Ctrl-C status stays 130."""
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "import argparse, sys\n"
+        "from lipforcing.engine.app.cli import run_command\n"
+        "sys.exit(run_command(argparse.Namespace(run=lambda args: exec('raise KeyboardInterrupt'))))\n")
+    proc = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=tmp_path, capture_output=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    assert proc.returncode == 130 and proc.stderr.decode().splitlines()[-1] == "interrupted", proc.stderr.decode()
+
+
 def test_run_on_two_ranks_writes_one_process_frames(default_run, tmp_path):
     """``lipforcing run --gpus 2`` on a CPU: two gloo ranks share the student (sequence parallel, rank 0 runs
     the session) and write the frames one process writes (x0 agrees to fp32 rounding, so the decoded frames
