@@ -112,6 +112,9 @@ class ServerState:
             avatars = {path.stem: Avatar.load(path) for path in sorted(Path(folder).glob("*.lfa"))} if folder else {}
             engine = build_engine(self.options.run_config, self.options.weights)
             engine.warm_up()
+            from .webrtc import preload
+
+            preload()
             for avatar in avatars.values():
                 avatar.check_engine(engine)
             self.engine, self.avatars, self.ready = engine, avatars, True

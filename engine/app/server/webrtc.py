@@ -44,6 +44,17 @@ TRACK_QUEUE_S = 2.0
 """Seconds of frames each outgoing track may hold before the session's output waits."""
 
 
+def preload() -> bool:
+    """Import the WebRTC stack now (the server's start-up), so the first offer does not wait for it and its
+    memory is the server's from the start; False where aiortc is not installed (offers are then refused)."""
+    try:
+        import aiortc  # noqa: F401
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _tracks():
     from aiortc import MediaStreamTrack
 
