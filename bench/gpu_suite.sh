@@ -66,8 +66,8 @@ if [ $DRY = 1 ]; then
     MODEL_LARGE=("${MODEL_SMALL[@]}")
     CHECK=(--models tiny --size 64)
     CHUNKS_13=1 CHUNKS_14=1 CHUNKS_SESSIONS=1 SESSIONS=1,2 QUALITY_FRAME=240x320 TUNE_MODELS=tiny
-    # Each step's command line and JSON are what the dry run checks; every variant costs ~12 s here (33 frames
-    # through the 512x512 crops), so each runs once across steps 4, 5 and 7: the ablation's steps up to
+    # Each step's command line and JSON are what the dry run checks; every variant costs ~2.5 s here (33 frames
+    # through the tiny model's 256x256 crops), so each runs once across steps 4, 5 and 7: the ablation's steps up to
     # +decoder (+kernels and +decoder cost nothing: the same path as reference and +streams here), +sdpa as
     # step 5's one variant, +fp8 in the quality gate (the fast paths' equality with the reference has its own tests)
     VARIANTS_13=(--variants reference,+kernels,+graphs,+streams,+decoder)

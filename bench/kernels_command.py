@@ -38,6 +38,14 @@ from ..kernels.static_report import (
 )
 
 
+def _stream(name: str, args: argparse.Namespace) -> StreamConfig:
+    """Preset ``name``'s stream at --height x --width (default: its face crops); bad names and sizes in one line."""
+    try:
+        return ModelConfig.from_name(name).face_stream(args.height, args.width)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def model_shapes(name: str, stream: StreamConfig) -> ModelShapes:
     """The sizes the kernels of preset ``name`` run at, streaming at ``stream``'s resolution."""
     try:
@@ -77,8 +85,9 @@ def _kernels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="1.3b,14b", help="presets, comma-separated")
     p.add_argument("--dtypes", default="bf16,fp16,fp32", help="compute dtypes, comma-separated")
     p.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated (default: all)")
-    p.add_argument("--height", type=int, default=512, help="frame height in pixels")
-    p.add_argument("--width", type=int, default=512, help="frame width in pixels")
+    p.add_argument("--height", type=int, default=None,
+                   help="face crop height in pixels (default: each model's, 512; tiny 256)")
+    p.add_argument("--width", type=int, default=None, help="face crop width in pixels")
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count, at most 8)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     p.set_defaults(run=_kernels)
@@ -92,10 +101,9 @@ def _kernels(args: argparse.Namespace) -> int:
         return _tune(args)
     try:
         parse_arch(args.arch)
-        stream = StreamConfig.for_resolution(args.height, args.width)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    models = [model_shapes(name, stream) for name in _names(args.model, "--model")]
+    models = [model_shapes(name, _stream(name, args)) for name in _names(args.model, "--model")]
     dtypes = {name: parse_dtype(name) for name in _names(args.dtypes, "--dtypes")}
     kernels = _names(args.kernels, "--kernels")
     unknown = sorted(set(kernels) - set(KERNELS))
@@ -146,19 +154,12 @@ def _tune(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    try:
-        stream = StreamConfig.for_resolution(args.height, args.width)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     document = {"command": "kernels --tune", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "timing": "median ms of one layer's streaming self-attention call, after one untimed call",
                 "models": {}}
     for name in _names(args.model, "--model"):
-        try:
-            cfg = ModelConfig.from_name(name)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        rows = measure_attention(cfg, stream, device, dtype, repeats=args.repeats)
+        stream = _stream(name, args)
+        rows = measure_attention(ModelConfig.from_name(name), stream, device, dtype, repeats=args.repeats)
         document["models"][name] = rows
         if not args.json:
             for row in rows:

@@ -19,10 +19,10 @@ File format (``.lfa``, version 1): one safetensors file. Metadata ``format`` = `
 ``version`` = ``1`` and ``config`` (JSON: frames, frame size, the ping-pong period in frames and in latents,
 stored latents, encoder kind and SHA-256 of its weights, latent size, the encoder's frame grouping).
 Tensors: ``frames_png`` / ``frames_offsets`` (each source frame as a PNG, lossless), ``crops_png`` /
-``crops_offsets`` (the 512x512 aligned crops, PNG), ``matrices`` and ``inverses`` (float64 [n, 2, 3]: frame
--> crop and crop -> frame pixels), ``masked_latents`` and ``ref_latents`` (float32 [1, 16, K, h, w], latent k
-of the played sequence; the clip's reference latent is ``ref_latents[:, :, :1]``, the latent of frame 0),
-``keep_mask`` (float32 [H, W], 1 = keep). A file
+``crops_offsets`` (the aligned crops at the model's face size, PNG), ``matrices`` and ``inverses`` (float64
+[n, 2, 3]: frame -> crop and crop -> frame pixels), ``masked_latents`` and ``ref_latents`` (float32
+[1, 16, K, h, w], latent k of the played sequence; the clip's reference latent is ``ref_latents[:, :, :1]``,
+the latent of frame 0), ``keep_mask`` (float32 [H, W], 1 = keep). A file
 of another version, a truncated one or one prepared for other encoder weights or mask is refused with an
 error that says so.
 """
@@ -82,7 +82,7 @@ class Avatar:
         return _decode(self.frames_png[self.source(played)])
 
     def crop(self, played: int) -> np.ndarray:
-        """np.uint8 [512, 512, 3] RGB aligned crop at played frame ``played``."""
+        """np.uint8 [S, S, 3] RGB aligned crop (S: the engine's face size) at played frame ``played``."""
         return _decode(self.crops_png[self.source(played)])
 
     def latent_index(self, k: int) -> int:
@@ -193,7 +193,7 @@ def _prepare(video, engine, parts, progress: bool) -> Avatar:
                 raise NoFaceError(f"{name}: no face in frame {i} ({i / 25:.2f} s); every frame of an avatar needs "
                                   "one: trim the video")
             frames_png.append(_encode(frame))
-            _, crop = frames_and_crops([frame], [where.matrix], engine.device)  # the session's warp, exactly
+            _, crop = frames_and_crops([frame], [where.matrix], engine.device, engine.face_size)  # the session's warp
             crops_png.append(_encode((crop[0].permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()))
             matrices.append(where.matrix)
     n = len(frames_png)

@@ -34,7 +34,7 @@ from ..dit.config import ModelConfig, StreamConfig
 from ..dit.fp8 import to_fp8
 from ..dit.model import CausalWanStudent
 from ..errors import ConfigError, EngineBusy, WeightsError
-from ..media.face import FACE_BACKENDS, FACE_SIZE, FaceAligner
+from ..media.face import FACE_BACKENDS, FaceAligner
 from ..media.mask import latent_mask_channel, load_mask, mouth_mask01, pixel_mask, soft_mask
 from ..numerics import parse_precision
 from ..runtime.pipeline import ChunkPipeline, DeviceStreams
@@ -300,8 +300,9 @@ class Engine:
         self.config, self.networks = config, networks
         self.device = device = torch.device(config.device)
         persist_triton_autotuning()
-        self.stream = StreamConfig.for_resolution(FACE_SIZE, FACE_SIZE)
-        self.student = make_student(config, networks.student)
+        self.face_size = networks.student.cfg.face_size  # side of the aligned crops (SPEC: 512; tiny: 256)
+        self.stream = networks.student.cfg.face_stream()
+        self.student = make_student(config, networks.student, self.stream)
         if config.gpus > 1:  # rank 0 of the stream's ranks: every student call goes to the others too
             from .ranked import RankedStudent
 
@@ -313,8 +314,8 @@ class Engine:
             self.batcher = StudentBatcher(self.student, gather_s=0.002 if device.type == "cuda" else 0.02)
         keep = load_mask(config.mask) if config.mask else mouth_mask01()
         self.keep_mask = keep  # [256, 256] (or the user's size), 1 = keep
-        self.keep_pixels = pixel_mask(keep, FACE_SIZE).to(device)  # [512, 512] {0, 1}: masked stream
-        self.soft_mask = soft_mask(keep, FACE_SIZE).to(device)  # [512, 512] paste-back blend
+        self.keep_pixels = pixel_mask(keep, self.face_size).to(device)  # [S, S] {0, 1}: masked stream
+        self.soft_mask = soft_mask(keep, self.face_size).to(device)  # [S, S] paste-back blend
         self.mask_latent = latent_mask_channel(keep, self.stream.latent_h, self.stream.latent_w).to(device)
         self.parts: list[SessionParts] = [self._make_parts()]
         self._lock = threading.RLock()  # sessions start and end from any thread
@@ -328,7 +329,8 @@ class Engine:
         decoder = self._make_decoder(streams)
         pipeline = ChunkPipeline(self.student, encoder, decoder, self.keep_pixels, streams=streams)
         aligner = FaceAligner(cfg.face_backend, face_box=cfg.face_box, detect_every=cfg.detect_every,
-                              warp="torch" if self.device.type == "cuda" else "cv2", device=self.device)
+                              warp="torch" if self.device.type == "cuda" else "cv2", device=self.device,
+                              size=self.face_size)
         return SessionParts(streams=streams, encoder=encoder, decoder=decoder, pipeline=pipeline, aligner=aligner)
 
     # the first session's parts (a single-session engine has only these)
@@ -427,8 +429,8 @@ class Engine:
         if self.device.type == "cuda" and self.config.scheduler == "static":
             freed = self.networks.student.offload_text_weights()  # the text K/V are cached: 4.3 GB for 14B
             log.info("lipforcing: text-only weights moved to host memory (%.2f GB)", freed / 1e9)
-        h, w = FACE_SIZE, FACE_SIZE
-        self.encoder.push(torch.zeros(2, 9, 3, h, w, device=self.device))
+        s = self.face_size
+        self.encoder.push(torch.zeros(2, 9, 3, s, s, device=self.device))
         z = torch.zeros(1, 16, self.stream.chunk_frames, self.stream.latent_h, self.stream.latent_w, device=self.device)
         self.decoder.push(z)
         self.encoder.reset()
@@ -463,9 +465,9 @@ class Engine:
 
 def make_student(config: RunConfig, model: CausalWanStudent, stream: StreamConfig | None = None):
     """The scheduler around the student: StaticStudent or the reference StreamingSampler (``stream``: default the
-    engine's 512x512 face crops); with ``gpus`` above 1 this process's share of the stream (the default
-    torch.distributed group must be initialised)."""
-    stream = stream or StreamConfig.for_resolution(FACE_SIZE, FACE_SIZE)
+    model's face crops, as the engine runs it); with ``gpus`` above 1 this process's share of the stream (the
+    default torch.distributed group must be initialised)."""
+    stream = stream or model.cfg.face_stream()
     parallel = None
     if config.gpus > 1:
         from ..dit.parallel import SequenceParallel

@@ -13,7 +13,7 @@
     session = engine.session(speech, avatar=avatar)   # a prepared avatar: no frames to push, speech only
 
 Per chunk (9 source frames for a clip's first chunk, then 12): locate the face in each frame (SPEC §8),
-warp the frames to 512x512 crops on the device, zero the mouth for the masked stream, encode both
+warp the frames to the aligned crops (512x512) on the device, zero the mouth for the masked stream, encode both
 streams as one batch, run the student's two denoising calls and its commit call, decode, blend the
 generated mouth with the aligned original using the soft mask and paste the face back into the frame.
 A prepared avatar brings its crops, transforms and latents: only the student, the decoder and paste-back
@@ -487,7 +487,7 @@ class LipSync:
                 latents = avatar.latents(3 * b, 3 * b + 3).to(engine.device, non_blocking=True)
             else:
                 matrices = [t.matrix for t in fill_gaps(piece.transforms)]  # a frame without a face borrows one
-                frames, crops = frames_and_crops(piece.frames, matrices, engine.device)
+                frames, crops = frames_and_crops(piece.frames, matrices, engine.device, engine.face_size)
             piece.device["frames"], piece.device["crops"] = frames, crops
             piece.device["output"] = parts.pipeline.submit(None if latents is not None else crops * 2 - 1,
                                                             self.timer, codes=codes, latents=latents)

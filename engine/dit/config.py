@@ -56,6 +56,9 @@ class ModelConfig:
     """0-based blocks that receive audio; default 2 .. num_layers // 2."""
     rope_pairs_thw: tuple[int, int, int] | None = None
     """Complex RoPE pairs per axis (temporal, row, column); default c - 2(c//3), c//3, c//3."""
+    face_size: int = 512
+    """Side of the aligned face crops the student runs on (SPEC §8: 512x512, latents 64x64). The random-weight
+    tiny model runs on 256x256 crops: a quarter of the codecs' and the student's work, for demos and tests."""
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -75,6 +78,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    def face_stream(self, height: int | None = None, width: int | None = None, **kw) -> StreamConfig:
+        """The stream at height x width pixels, by default this model's face crops (latents face_size / 8 on a
+        side)."""
+        return StreamConfig.for_resolution(height or self.face_size, width or self.face_size, **kw)
 
     @property
     def num_audio_projections(self) -> int:
@@ -129,7 +137,7 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     # random-weight demos and tests: audio_dim matches the tiny wav2vec2 of demo_models (4 x 64)
-    "tiny": ModelConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=4, text_len=16, audio_dim=256),
+    "tiny": ModelConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=4, text_len=16, audio_dim=256, face_size=256),
     "1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
 }

@@ -89,9 +89,9 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.hstack([scale * rot, t[:, None]])
 
 
-def crop_to_face_matrix() -> np.ndarray:
-    """Resize of the 420x560 crop to 512x512 as a [2, 3] matrix (pixel centers, like cv2.resize)."""
-    sx, sy = FACE_SIZE / CROP_WIDTH, FACE_SIZE / CROP_HEIGHT
+def crop_to_face_matrix(size: int = FACE_SIZE) -> np.ndarray:
+    """Resize of the 420x560 crop to size x size (512) as a [2, 3] matrix (pixel centers, like cv2.resize)."""
+    sx, sy = size / CROP_WIDTH, size / CROP_HEIGHT
     return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
 
 
@@ -469,7 +469,8 @@ def select_face(boxes: Sequence[FaceBox], face_box: tuple[float, float, float, f
 
 
 class FaceAligner:
-    """Per-frame SPEC §8 alignment with detection every k frames, tracking, smoothing and reuse."""
+    """Per-frame SPEC §8 alignment with detection every k frames, tracking, smoothing and reuse. ``size``: side of
+    the aligned crops (SPEC: 512; a model's ``face_size``)."""
 
     def __init__(
         self,
@@ -480,9 +481,11 @@ class FaceAligner:
         max_reuse: int = 60,
         warp: Literal["cv2", "torch"] = "cv2",
         device: str | torch.device = "cpu",
+        size: int = FACE_SIZE,
     ) -> None:
         if detect_every < 1:
             raise ConfigError(f"detect_every must be >= 1, got {detect_every}")
+        self.size = size
         self.backend = make_backend(backend, face_box=face_box) if isinstance(backend, str) else backend
         self.face_box = face_box
         self.detect_every = detect_every
@@ -530,7 +533,7 @@ class FaceAligner:
         marks = self.find_landmarks(frame)
         if marks is not None:
             self._missed = 0
-            self._last_matrix = compose(crop_to_face_matrix(), self.crop_matrix(marks.anchors))
+            self._last_matrix = compose(crop_to_face_matrix(self.size), self.crop_matrix(marks.anchors))
         else:
             self._missed += 1
             if self._last_matrix is None or self._missed >= self.max_reuse:
@@ -549,11 +552,11 @@ class FaceAligner:
                            reused=where.reused, anchors=where.anchors)
 
     def warp_frame(self, frame: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-        """frame [H, W, 3] uint8 -> crop [512, 512, 3] uint8 with the selected warp backend."""
+        """frame [H, W, 3] uint8 -> crop [size, size, 3] uint8 with the selected warp backend."""
         if self.warp == "cv2":
-            return warp_affine_cv2(frame, matrix, (FACE_SIZE, FACE_SIZE))
+            return warp_affine_cv2(frame, matrix, (self.size, self.size))
         images = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device).permute(2, 0, 1)[None].float()
-        out = warp_affine_torch(images, matrix, (FACE_SIZE, FACE_SIZE))
+        out = warp_affine_torch(images, matrix, (self.size, self.size))
         return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
     def close(self) -> None:
@@ -575,20 +578,20 @@ def group_by_size(frames: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[in
 
 
 def frames_and_crops(
-    frames: Sequence[np.ndarray], matrices: Sequence[np.ndarray], device: torch.device
+    frames: Sequence[np.ndarray], matrices: Sequence[np.ndarray], device: torch.device, size: int = FACE_SIZE
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Frames on the device and their aligned crops. frames: np.uint8 [H, W, 3] each (any sizes); matrices:
-    [2, 3] frame -> crop each. Returns (one uint8 [H, W, 3] tensor per frame, crops float [T, 3, 512, 512] in
+    [2, 3] frame -> crop each. Returns (one uint8 [H, W, 3] tensor per frame, crops float [T, 3, size, size] in
     [0, 1] rounded to 8-bit levels). On a CPU cv2 warps (the fast one there); on CUDA the frames are uploaded
     (pinned, asynchronous) and warped in batches on the device, so the crops never leave it."""
     out = upload_frames(frames, device)
     if device.type != "cuda":
-        crops = [warp_affine_cv2(f, m, (FACE_SIZE, FACE_SIZE)) for f, m in zip(frames, matrices)]
+        crops = [warp_affine_cv2(f, m, (size, size)) for f, m in zip(frames, matrices)]
         return out, faces_to_tensor(crops, device)
-    crops = torch.empty(len(out), 3, FACE_SIZE, FACE_SIZE, device=device)
+    crops = torch.empty(len(out), 3, size, size, device=device)
     for idx in group_by_size(frames).values():
         images = torch.stack([out[i] for i in idx]).permute(0, 3, 1, 2).float()
-        warped = warp_affine_torch(images, np.stack([matrices[i] for i in idx]), (FACE_SIZE, FACE_SIZE))
+        warped = warp_affine_torch(images, np.stack([matrices[i] for i in idx]), (size, size))
         crops[idx] = warped.round_().clamp_(0, 255)
     return out, crops.div_(255.0)
 

@@ -2,9 +2,9 @@
 
     out = paste_back(frames, generated, aligned, mask, inverse)
     # frames    uint8 [B, H, W, 3]      the original frames (RGB, as decoded); not modified
-    # generated float [B, 3, 512, 512]  decoder output, pixels in [0, 1]
-    # aligned   float [B, 3, 512, 512]  the aligned original crops, pixels in [0, 1]
-    # mask      float [512, 512]        soft mouth mask: 1 = keep original, 0 = regenerate
+    # generated float [B, 3, S, S]      decoder output, pixels in [0, 1] (S: the model's face size, 512)
+    # aligned   float [B, 3, S, S]      the aligned original crops, pixels in [0, 1]
+    # mask      float [S, S]            soft mouth mask: 1 = keep original, 0 = regenerate
     # inverse   [B, 2, 3]               crop pixels -> frame pixels (AlignedFace.inverse)
     # out       uint8 [B, H, W, 3]
 
@@ -61,16 +61,18 @@ def _as_numpy(inverse: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(m, np.float64).reshape(-1, 2, 3)
 
 
-def _crop_corners(inverse: np.ndarray, size: int = FACE_SIZE) -> np.ndarray:
+def _crop_corners(inverse: np.ndarray, size: int) -> np.ndarray:
     """Frame positions of the crop rectangle's corners, in order around it: [B, 4, 2]."""
     lo, hi = -0.5, size - 0.5
     corners = np.array([[lo, lo, 1], [hi, lo, 1], [hi, hi, 1], [lo, hi, 1]])
     return np.einsum("bij,kj->bki", inverse, corners)
 
 
-def footprint_box(inverse: torch.Tensor | np.ndarray, frame_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Pixel box (x0, y0, x1, y1) holding every crop footprint of the batch, with a 1-pixel margin."""
-    pts = _crop_corners(_as_numpy(inverse)).reshape(-1, 2)
+def footprint_box(inverse: torch.Tensor | np.ndarray, frame_hw: tuple[int, int],
+                  size: int = FACE_SIZE) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1) holding every crop footprint of the batch (``size``-pixel crops), with a 1-pixel
+    margin."""
+    pts = _crop_corners(_as_numpy(inverse), size).reshape(-1, 2)
     h, w = frame_hw
     x0 = int(np.clip(np.floor(pts[:, 0].min()) - 1, 0, w))
     y0 = int(np.clip(np.floor(pts[:, 1].min()) - 1, 0, h))
@@ -79,11 +81,12 @@ def footprint_box(inverse: torch.Tensor | np.ndarray, frame_hw: tuple[int, int])
     return x0, y0, x1, y1
 
 
-def footprint_area(inverse: torch.Tensor | np.ndarray, frame_hw: tuple[int, int]) -> np.ndarray:
-    """Area in pixels of each crop footprint clipped to the frame [-0.5, W-0.5] x [-0.5, H-0.5]: [B]."""
+def footprint_area(inverse: torch.Tensor | np.ndarray, frame_hw: tuple[int, int], size: int = FACE_SIZE) -> np.ndarray:
+    """Area in pixels of each crop footprint (``size``-pixel crops) clipped to the frame [-0.5, W-0.5] x
+    [-0.5, H-0.5]: [B]."""
     h, w = frame_hw
     areas = []
-    for quad in _crop_corners(_as_numpy(inverse)):
+    for quad in _crop_corners(_as_numpy(inverse), size):
         poly = list(map(tuple, quad))
         for axis, bound, keep_below in ((0, -0.5, False), (0, w - 0.5, True), (1, -0.5, False), (1, h - 0.5, True)):
             poly = _clip_polygon(poly, axis, bound, keep_below)
@@ -121,19 +124,19 @@ def edge_profile(n: int, erosion: float, sigma: float) -> torch.Tensor:
     return 0.5 * (torch.erf((x - a) / scale) - torch.erf((x - b) / scale))
 
 
-def crop_weights(inverse: np.ndarray, widths: list[int]) -> torch.Tensor:
-    """Feather weights in crop coordinates, one per frame: float64 [B, 1, 512, 512].
+def crop_weights(inverse: np.ndarray, widths: list[int], size: int = FACE_SIZE) -> torch.Tensor:
+    """Feather weights in crop coordinates, one per frame: float64 [B, 1, size, size].
 
     A frame distance d along crop axis j is d / |inverse[:, j]| crop pixels.
     """
     out = []
     for m, e in zip(inverse, widths):
         if e <= 0:
-            out.append(torch.ones(FACE_SIZE, FACE_SIZE, dtype=torch.float64))
+            out.append(torch.ones(size, size, dtype=torch.float64))
             continue
         sx, sy = np.linalg.norm(m[:, 0]), np.linalg.norm(m[:, 1])  # frame pixels per crop pixel
-        px = edge_profile(FACE_SIZE, e / sx, blur_sigma(e) / sx)
-        py = edge_profile(FACE_SIZE, e / sy, blur_sigma(e) / sy)
+        px = edge_profile(size, e / sx, blur_sigma(e) / sx)
+        py = edge_profile(size, e / sy, blur_sigma(e) / sy)
         out.append(py[:, None] * px[None, :])
     return torch.stack(out)[:, None]
 
@@ -173,14 +176,15 @@ def paste_back(
     (0 = frame pixel returned unchanged).
     """
     batch, height, width, _ = frames.shape
-    if generated.shape != (batch, 3, FACE_SIZE, FACE_SIZE) or aligned.shape != generated.shape:
-        raise ValueError(f"generated/aligned must be [{batch}, 3, {FACE_SIZE}, {FACE_SIZE}], got "
+    size = generated.shape[-1]  # square crops: the engine's face size
+    if generated.shape != (batch, 3, size, size) or aligned.shape != generated.shape:
+        raise ValueError(f"generated/aligned must be [{batch}, 3, S, S], got "
                          f"{tuple(generated.shape)} and {tuple(aligned.shape)}")
-    m = mask.to(generated.dtype).view(1, 1, FACE_SIZE, FACE_SIZE)
-    face = ((generated * (1 - m) + aligned * m) * 255.0).float()  # [B, 3, 512, 512]
+    m = mask.to(generated.dtype).view(1, 1, size, size)
+    face = ((generated * (1 - m) + aligned * m) * 255.0).float()  # [B, 3, S, S]
     inverse = _as_numpy(inverse)
-    widths = [edge_width(a) for a in footprint_area(inverse, (height, width))]
-    x0, y0, x1, y1 = footprint_box(inverse, (height, width))
+    widths = [edge_width(a) for a in footprint_area(inverse, (height, width), size)]
+    x0, y0, x1, y1 = footprint_box(inverse, (height, width), size)
     out = frames.clone()
     weight_full = torch.zeros(batch, height, width, device=frames.device) if return_weight else None
     if x1 <= x0 or y1 <= y0:
@@ -189,7 +193,7 @@ def paste_back(
     to_roi[:, :, 2] -= (x0, y0)  # crop -> ROI pixels
     roi_hw = (y1 - y0, x1 - x0)
     if weight_mode == "crop":
-        feathers = crop_weights(inverse, widths).to(device=frames.device, dtype=torch.float32)
+        feathers = crop_weights(inverse, widths, size).to(device=frames.device, dtype=torch.float32)
         warped, coverage = warp_with_coverage(torch.cat([face, feathers], 1), to_roi, roi_hw)
         region = coverage > 0.5
         weight = torch.where(region, warped[:, 3:] / coverage.clamp_min(1e-6), 0.0).clamp(0, 1)

@@ -98,3 +98,16 @@ def test_the_audio_encoder_is_loaded_once_by_sessions_starting_together():
         t.join(timeout=60)
     assert everyone_waits.is_set() and len(arrived) == threads_at_once  # they met the load in progress
     assert len(loads) == 1 and results == [torch.Size([3, 4])] * threads_at_once
+
+
+def test_each_model_runs_on_its_face_crops():
+    """The released models see 512x512 crops (SPEC §8); the tiny one 256x256, in every part of its engine: the
+    aligner, the masks and the stream's latents."""
+    from lipforcing.engine.app.engine import build_engine
+
+    assert [ModelConfig.from_name(m).face_stream().latent_h for m in ("1.3b", "14b", "tiny")] == [64, 64, 32]
+    engine = build_engine(RunConfig(model="tiny", device="cpu", dtype="fp32", encoder="taehv"))
+    assert engine.face_size == 256 and engine.aligner.size == 256
+    assert engine.keep_pixels.shape == engine.soft_mask.shape == (256, 256)
+    assert (engine.stream.latent_h, engine.stream.latent_w) == (32, 32)
+    assert engine.mask_latent.shape[-2:] == (32, 32)

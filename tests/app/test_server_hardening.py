@@ -308,6 +308,6 @@ def test_sessions_per_engine_on_a_gpu_are_what_the_memory_plan_fits(monkeypatch)
     assert default_sessions(gpu, free_bytes=200 << 30)[0] == 8
     sessions, why = default_sessions(gpu, free_bytes=20 << 30)
     assert "10.0 GiB for one session, 2.00 GiB each more, 20.0 GiB free" in why
-    assert asked[0][1] == 64 and asked[0][2]["avatar"] and asked[0][2]["encoder"] == "taehv"  # 512x512 crops
+    assert asked[0][1] == 32 and asked[0][2]["avatar"] and asked[0][2]["encoder"] == "taehv"  # tiny: 256x256 crops
     assert default_sessions(RunConfig(model="tiny", device="cuda", scheduler="reference"))[0] == 1
     assert len(asked) == 4  # (the reference scheduler never asks the plan)

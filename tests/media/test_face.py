@@ -357,6 +357,29 @@ def test_paste_back_real_frame(clip_frames: list[np.ndarray]) -> None:
     assert torch.equal(out[~inside], frames[~inside])
 
 
+def test_a_smaller_face_size_is_the_same_crop_at_a_lower_resolution(clip_frames: list[np.ndarray]) -> None:
+    """``size`` 256 (the tiny model's crops): the 512 crop's geometry scaled by 1/2 about pixel centers, the same
+    face downsampled, and a paste-back of the unchanged face that reproduces the frame."""
+    pytest.importorskip("mediapipe")
+    with FaceAligner() as big, FaceAligner(size=256) as small:
+        full, half = big.align(clip_frames[0]), small.align(clip_frames[0])
+    halve = np.array([[0.5, 0.0, -0.25], [0.0, 0.5, -0.25]])  # 512 -> 256 crop pixels (pixel centers)
+    np.testing.assert_allclose(half.matrix, compose(halve, full.matrix), atol=1e-9)
+    assert half.image.shape == (256, 256, 3)
+    downsampled = cv2.resize(full.image, (256, 256), interpolation=cv2.INTER_AREA)
+    assert np.abs(downsampled.astype(int) - half.image).mean() < 3
+    frames = torch.from_numpy(np.stack(clip_frames[:1]))
+    regions = []
+    for face in (half, full):
+        aligned, side = faces_to_tensor([face.image]), face.image.shape[0]
+        out, weight = paste_back(frames, aligned, aligned, torch.rand(side, side), face.inverse[None],
+                                 return_weight=True)
+        inside = weight > 0
+        assert psnr(out[inside], frames[inside]) >= 30 and torch.equal(out[~inside], frames[~inside])
+        regions.append(float(inside.sum()))
+    assert abs(regions[0] / regions[1] - 1) < 0.02  # the same footprint in the frame
+
+
 def test_paste_back_region_crossing_frame_border() -> None:
     frame = torch.from_numpy(smooth_image(200, 180))[None]
     to_crop = face_matrix((200, 180), 4.0, 0.0)  # a 128-pixel footprint ...

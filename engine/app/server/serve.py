@@ -27,7 +27,7 @@ MAX_DEFAULT_SESSIONS = 8
 def default_sessions(config: RunConfig, free_bytes: int | None = None) -> tuple[int, str]:
     """Sessions per engine when ``--max-sessions`` is not given, and why: 1 on a CPU (the sessions would share
     its cores) or without the static scheduler; on a GPU as many as the memory plan of sessions on prepared
-    avatars (``lipforcing info --memory --avatar``, at the engine's 512x512 face crops and 1080p frames) fits in
+    avatars (``lipforcing info --memory --avatar``, at the model's face crops and 1080p frames) fits in
     90% of the device's free memory, at most ``MAX_DEFAULT_SESSIONS``. ``free_bytes``: the device's free memory
     (default: asked from CUDA). With ``gpus`` above 1 the one-GPU plan sizes rank 0 too: it errs on the safe side
     (rank 0 holds 1/N of each session's KV cache)."""
@@ -35,8 +35,7 @@ def default_sessions(config: RunConfig, free_bytes: int | None = None) -> tuple[
         return 1, "on a CPU"
     if config.scheduler != "static":
         return 1, "with the reference scheduler"
-    from ...dit.config import ModelConfig, StreamConfig
-    from ...media.face import FACE_SIZE
+    from ...dit.config import ModelConfig
     from ...numerics import parse_precision
     from ...tools.memory import memory_plan
 
@@ -47,8 +46,9 @@ def default_sessions(config: RunConfig, free_bytes: int | None = None) -> tuple[
 
         free_bytes, _ = torch.cuda.mem_get_info(require_device(config))
     dtype, fp8 = parse_precision(config.dtype)
-    plan = memory_plan(ModelConfig.from_name(config.model), StreamConfig.for_resolution(FACE_SIZE, FACE_SIZE),
-                       dtype=dtype, fp8=fp8, encoder=config.encoder, decoder=config.decoder, avatar=True)
+    model = ModelConfig.from_name(config.model)
+    plan = memory_plan(model, model.face_stream(), dtype=dtype, fp8=fp8, encoder=config.encoder,
+                       decoder=config.decoder, avatar=True)
     budget = int(free_bytes * 0.9)
     fits = 1 + max(0, budget - plan["total_bytes"]) // max(1, plan["per_session_bytes"])
     sessions = int(min(MAX_DEFAULT_SESSIONS, fits))
