@@ -426,8 +426,8 @@ class Engine:
 
         began = time.perf_counter()
         self.student.warm_up(self.networks.text_context)
-        if self.device.type == "cuda" and self.config.scheduler == "static":
-            freed = self.networks.student.offload_text_weights()  # the text K/V are cached: 4.3 GB for 14B
+        freed = offload_text_weights(self.config, self.networks.student)
+        if freed:
             log.info("lipforcing: text-only weights moved to host memory (%.2f GB)", freed / 1e9)
         s = self.face_size
         self.encoder.push(torch.zeros(2, 9, 3, s, s, device=self.device))
@@ -461,6 +461,14 @@ class Engine:
     def release_audio_encoder(self) -> None:
         """Free wav2vec2 (it is loaded again by the next session)."""
         self.networks.audio.release()
+
+
+def offload_text_weights(config: RunConfig, model: CausalWanStudent) -> int:
+    """After the student's warm-up (its text K/V are cached), on CUDA with the static scheduler: move the text-only
+    weights to host memory (4.3 GB for 14B). Bytes freed, 0 where they stay. Every rank of ``--gpus N`` does it."""
+    if torch.device(config.device).type != "cuda" or config.scheduler != "static":
+        return 0
+    return model.offload_text_weights()
 
 
 def make_student(config: RunConfig, model: CausalWanStudent, stream: StreamConfig | None = None):

@@ -134,7 +134,7 @@ def serve_students(rank: int, model_for: Callable) -> dict:
     """Ranks 1..N-1: build the student rank 0 opens (``model_for(config)`` gives the network for a RunConfig), run
     its calls until rank 0 ends; returns what this rank did: calls and seconds per call kind. Ctrl-C reaches every
     process of the terminal's group: these ranks leave it to rank 0, which ends them when its command is done."""
-    from .engine import make_student
+    from .engine import make_student, offload_text_weights
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -158,8 +158,8 @@ def serve_students(rank: int, model_for: Callable) -> dict:
         getattr(student, name)(*_local(args, student, device), **_local(kwargs, student, device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            if name == "warm_up" and config.scheduler == "static":  # as rank 0's engine does (engine.py)
-                student.model.offload_text_weights()  # the text K/V are cached
+        if name == "warm_up":  # as rank 0's engine does
+            offload_text_weights(config, student.model)
         calls[name] = calls.get(name, 0) + 1
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - began
 
