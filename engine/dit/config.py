@@ -82,7 +82,8 @@ class ModelConfig:
     def face_stream(self, height: int | None = None, width: int | None = None, **kw) -> StreamConfig:
         """The stream at height x width pixels, by default this model's face crops (latents face_size / 8 on a
         side)."""
-        return StreamConfig.for_resolution(height or self.face_size, width or self.face_size, **kw)
+        return StreamConfig.for_resolution(self.face_size if height is None else height,
+                                           self.face_size if width is None else width, **kw)
 
     @property
     def num_audio_projections(self) -> int:
@@ -177,8 +178,8 @@ class StreamConfig:
 
     @staticmethod
     def for_resolution(height: int, width: int, **kw) -> StreamConfig:
-        if height % 16 or width % 16:
-            raise ValueError(f"resolution {height}x{width} must be a multiple of 16 (VAE 8x and patch 2x)")
+        if height <= 0 or width <= 0 or height % 16 or width % 16:
+            raise ValueError(f"resolution {height}x{width} must be a positive multiple of 16 (VAE 8x and patch 2x)")
         return StreamConfig(latent_h=height // 8, latent_w=width // 8, **kw)
 
 

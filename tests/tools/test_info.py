@@ -40,3 +40,8 @@ def test_info_cli_json_and_text(capsys):
     out = capsys.readouterr().out
     assert "prepared avatar" in out and "taehv encoder" in out
     assert main(["info", "--model", "nope"]) == 2
+    capsys.readouterr()
+    assert main(["info", "--model", "tiny", "--height", "0", "--json"]) == 2  # not the default size in silence
+    assert "positive multiple of 16" in capsys.readouterr().err
+    assert main(["info", "--model", "tiny", "--json"]) == 0  # 4 layers, 256 tokens a frame (256x256 crops)
+    assert json.loads(capsys.readouterr().out)["kv_cache_bytes"] == 2 * 4 * 4 * 256 * 128 * torch.bfloat16.itemsize
